@@ -1,0 +1,100 @@
+"""Plain Keras callbacks of ours: the reference's history CSVs/plots and epoch-inference panels.
+
+They write files and keep their latest results in attributes; they know nothing of MLflow.
+The tracking layer reads `EpochInference.panels` after each epoch to log them as images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import keras
+import numpy as np
+
+from seg_mlops.infer import colorize, predict_probs, to_labels, write_rgb
+
+
+class HistoryWriter(keras.callbacks.Callback):
+    """Writes train_losses.csv / train_metrics.csv and their PNG plots every epoch.
+
+    Same files and columns as the reference (epoch 0-based, 4 decimals), minus its trailing
+    comma; plots are redrawn every epoch so an interrupted run still has them.
+    """
+
+    def __init__(self, out_dir: str | Path, metrics: Sequence[str]):
+        super().__init__()
+        self.out_dir = Path(out_dir)
+        self.metrics = list(metrics)
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_begin(self, logs=None):
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        self.rows.append({"epoch": epoch, **{k: float(v) for k, v in logs.items()}})
+        self._write("train_losses", ["loss", "val_loss"])
+        self._write("train_metrics", [n for m in self.metrics for n in (m, "val_" + m)])
+
+    def _write(self, name: str, columns: list[str]) -> None:
+        lines = [",".join(["epoch"] + columns)]
+        for row in self.rows:
+            lines.append(",".join([str(row["epoch"])] + [f"{row.get(c, float('nan')):.4f}" for c in columns]))
+        (self.out_dir / f"{name}.csv").write_text("\n".join(lines) + "\n")
+        plot_history(self.rows, columns, self.out_dir / f"{name}.png")
+
+
+def plot_history(rows: list[dict[str, float]], columns: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 6))
+    epochs = [r["epoch"] for r in rows]
+    for column in columns:
+        ax.plot(epochs, [r.get(column, np.nan) for r in rows], "--" if column.startswith("val_") else "-",
+                marker="o", label=column)
+    ax.set_xlabel("epoch")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def panel(image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray,
+          palette: Sequence[Sequence[int]]) -> np.ndarray:
+    """input | ground truth | prediction, side by side with a 2-px grey gap (RGB uint8)."""
+    h, w = image.shape[:2]
+    gap = np.full((h, 2, 3), 128, np.uint8)
+    truth_rgb = colorize(truth, palette) if truth is not None else np.zeros_like(image)
+    return np.concatenate([image, gap, truth_rgb, gap, colorize(pred, palette)], axis=1)
+
+
+class EpochInference(keras.callbacks.Callback):
+    """After every epoch, predicts a few fixed images and writes input | truth | prediction panels.
+
+    Inputs are loaded and resized once; the prediction is one batch. `panels` holds the latest
+    {stem: RGB panel} and `epoch` the 1-based epoch they belong to, for other callbacks to log.
+    """
+
+    def __init__(self, images: np.ndarray, truths: Sequence[np.ndarray | None], stems: Sequence[str],
+                 out_dir: str | Path, palette: Sequence[Sequence[int]], threshold: float = 0.5):
+        super().__init__()
+        self.images, self.truths, self.stems = images, list(truths), list(stems)
+        self.out_dir = Path(out_dir)
+        self.palette, self.threshold = palette, threshold
+        self.panels: dict[str, np.ndarray] = {}
+        self.epoch = 0
+
+    def on_train_begin(self, logs=None):
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def on_epoch_end(self, epoch, logs=None):
+        preds = to_labels(predict_probs(self.model, list(self.images)), self.threshold)
+        self.epoch = epoch + 1
+        self.panels = {}
+        for stem, image, truth, pred in zip(self.stems, self.images, self.truths, preds):
+            self.panels[stem] = panel(image, truth, pred, self.palette)
+            write_rgb(self.out_dir / f"epoch_{self.epoch:03d}_{stem}.png", self.panels[stem])

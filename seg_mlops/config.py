@@ -1,0 +1,322 @@
+"""Typed experiment configuration: YAML in, frozen dataclasses out, unknown keys are errors.
+
+One YAML file per dataset. Sections mirror the reference's train_eval_infer.config so its users
+feel at home. Every key has a typed default; `load()` rejects unknown keys (naming the closest
+valid one), wrong types and out-of-range values, resolves paths relative to the config file, and
+applies `--set section.key=value` overrides. `flatten()` gives `model.base_filters`-style names
+for MLflow params and Optuna search spaces; `override()` applies such a flat dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from seg_mlops.errors import SegMlopsError
+
+
+def _key(default: Any, *, lo: float | None = None, hi: float | None = None,
+         choices: tuple[str, ...] | None = None, path: bool = False) -> Any:
+    """A config field: default plus the checks `load()` applies (range, choices, path)."""
+    meta = {"lo": lo, "hi": hi, "choices": choices, "path": path}
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the image/mask pairs are and how masks become labels."""
+
+    root: str = _key("", path=True)  # holds {train,valid,test}/{images,masks}
+    # Per-split folders; "" means <root>/<split>/images|masks (reference: [train] image_datapath ...).
+    train_images: str = _key("", path=True)
+    train_masks: str = _key("", path=True)
+    valid_images: str = _key("", path=True)
+    valid_masks: str = _key("", path=True)
+    test_images: str = _key("", path=True)
+    test_masks: str = _key("", path=True)
+    # Binary masks: foreground = max channel >= mask_threshold ("threshold"), or any non-zero
+    # pixel ("nonzero": what the reference's bool cast did, to reproduce its published numbers).
+    binary_mask: str = _key("threshold", choices=("threshold", "nonzero"))
+    mask_threshold: int = _key(128, lo=1, hi=255)
+    # Multiclass masks: colour (RGB) of class i at position i; pixels snap to the nearest colour
+    # within color_tolerance (Euclidean RGB distance), farther ones are an error.
+    rgb_map: tuple[tuple[int, ...], ...] = _key(())
+    color_tolerance: float = _key(60.0, lo=0, hi=442)
+    # Images are resized with this; masks always with nearest, so labels stay labels.
+    image_interpolation: str = _key("area", choices=("area", "linear", "cubic", "nearest"))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """UNet hyper-parameters: exactly the keyword arguments of model.build_unet."""
+
+    image_height: int = _key(128, lo=1)
+    image_width: int = _key(128, lo=1)
+    num_classes: int = _key(1, lo=1)  # 1 = binary (sigmoid); >= 2 = softmax over classes
+    base_filters: int = _key(16, lo=1)
+    num_layers: int = _key(6, lo=1)
+    base_kernels: int = _key(3, lo=1)
+    dilation: int = _key(1, lo=1)
+    dropout_rate: float = _key(0.05, lo=0, hi=0.99)
+    batch_norm: bool = _key(False)
+    activation: str = _key("relu")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, the monitored metric, callbacks and where outputs go."""
+
+    output_dir: str = _key("", path=True)  # "" means outputs/<experiment> under the working dir
+    epochs: int = _key(50, lo=1)
+    batch_size: int = _key(4, lo=1)
+    learning_rate: float = _key(1e-4, lo=0)
+    clipvalue: float = _key(0.5, lo=0)  # 0 disables gradient value clipping
+    loss: str = _key("auto")  # "auto": bce_dice_loss (binary) / categorical_crossentropy
+    metrics: tuple[str, ...] = _key(())  # (): the task's defaults (losses.for_task)
+    # The one name of the monitored metric: checkpoint, early stopping, LR reducer, pruning and
+    # the registry all use it. Direction: "min" for *loss, else "max".
+    monitor: str = _key("val_dice_coef")
+    patience: int = _key(10, lo=0)  # early stopping; 0 disables
+    reducer_factor: float = _key(0.5, lo=0, hi=1)  # ReduceLROnPlateau factor
+    reducer_patience: int = _key(5, lo=0)  # 0 disables the LR reducer
+    # Epoch inference: panels (input | truth | prediction) of the first N pairs, every epoch.
+    epoch_infer_count: int = _key(6, lo=0)  # 0 disables
+    epoch_infer_images: str = _key("", path=True)  # "" means the valid split
+    epoch_infer_masks: str = _key("", path=True)
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """How predicted probabilities become mask files."""
+
+    threshold: float = _key(0.5, lo=0, hi=1)  # binary: foreground where probability >= threshold
+    batch_size: int = _key(8, lo=1)
+    colorize: bool = _key(False)  # also write colour masks to <output>/colorized
+    overlay: bool = _key(False)  # also write image+mask blends to <output>/overlay
+    overlay_alpha: float = _key(0.4, lo=0, hi=1)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole experiment. `experiment` names the dataset (MLflow experiment, Optuna study)."""
+
+    experiment: str = _key("default")
+    seed: int = _key(137, lo=0)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.train.output_dir or Path("outputs") / self.experiment)
+
+    def split_dirs(self, split: str) -> tuple[Path, Path]:
+        """(images, masks) folders of `split` ("train", "valid" or "test")."""
+        images = getattr(self.data, f"{split}_images") or Path(self.data.root) / split / "images"
+        masks = getattr(self.data, f"{split}_masks") or Path(self.data.root) / split / "masks"
+        return Path(images), Path(masks)
+
+    def palette(self) -> list[tuple[int, int, int]]:
+        """Colour per class for masks written by inference (binary: black, white)."""
+        if self.model.num_classes == 1:
+            return [(0, 0, 0), (255, 255, 255)]
+        return [tuple(c) for c in self.data.rgb_map]
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "infer": InferConfig}
+
+
+# ----------------------------------------------------------------------------- conversion
+
+def _closest(name: str, valid: Iterable[str], prefix: str = "") -> str:
+    match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    if match:
+        return f"; did you mean '{prefix}{match[0]}'?"
+    return f"; valid keys: {', '.join(prefix + v for v in sorted(valid))}"
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Convert a YAML value to the field's type, or raise naming the key and the value."""
+    bad = SegMlopsError(f"{key}={value!r}: expected {_type_name(hint)}")
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        item_hint = typing.get_args(hint)[0]
+        if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+            raise bad
+        return tuple(_coerce(key, v, item_hint) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if hint is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        try:  # PyYAML reads "1e-4" (no dot) as a string: accept it as the float users meant
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise AssertionError(f"unsupported config type {hint}")
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
+
+
+def _check(key: str, value: Any, meta: Mapping[str, Any]) -> None:
+    lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
+    if choices and value not in choices:
+        raise SegMlopsError(f"{key}={value!r}: must be one of {', '.join(choices)}")
+    if lo is not None and value < lo:
+        raise SegMlopsError(f"{key}={value!r}: must be >= {lo}")
+    if hi is not None and value > hi:
+        raise SegMlopsError(f"{key}={value!r}: must be <= {hi}")
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str, base: Path | None) -> Any:
+    """Instantiate dataclass `cls` from a mapping, checking every key."""
+    if not isinstance(values, Mapping):
+        raise SegMlopsError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in values.items():
+        key = prefix + str(name)
+        if name not in fields:
+            raise SegMlopsError(f"unknown config key '{key}'" + _closest(str(name), fields, prefix))
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], value or {}, key + ".", base)
+            continue
+        value = _coerce(key, value, hints[name])
+        meta = fields[name].metadata
+        _check(key, value, meta)
+        if meta.get("path") and value and base is not None:
+            value = os.path.normpath(base / os.path.expanduser(value))
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> Config:
+    """Checks that span keys."""
+    m, d = cfg.model, cfg.data
+    if m.num_classes >= 2:
+        if len(d.rgb_map) != m.num_classes:
+            raise SegMlopsError(
+                f"data.rgb_map has {len(d.rgb_map)} colours but model.num_classes={m.num_classes}: "
+                "give one [r, g, b] per class, background first")
+        for colour in d.rgb_map:
+            if len(colour) != 3 or not all(0 <= c <= 255 for c in colour):
+                raise SegMlopsError(f"data.rgb_map entry {list(colour)}: expected [r, g, b] with values 0..255")
+        if len({tuple(c) for c in d.rgb_map}) != len(d.rgb_map):
+            raise SegMlopsError(f"data.rgb_map has a repeated colour: {[list(c) for c in d.rgb_map]}")
+    elif d.rgb_map:
+        raise SegMlopsError("data.rgb_map is set but model.num_classes=1 (binary): "
+                            "set model.num_classes to the number of colours, or remove data.rgb_map")
+    if m.base_kernels % 2 == 0:
+        raise SegMlopsError(f"model.base_kernels={m.base_kernels}: must be odd")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- public API
+
+def load(path: str | Path | None = None, overrides: Iterable[str] | Mapping[str, Any] = ()) -> Config:
+    """Read a YAML config (None: all defaults) and apply overrides.
+
+    Args:
+        path: the YAML file; relative paths inside it are relative to its folder.
+        overrides: `section.key=value` strings (as given to `--set`; values parsed as YAML,
+            paths relative to the working directory) or a flat `{section.key: value}` mapping.
+    """
+    raw: dict[str, Any] = {}
+    base = None
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SegMlopsError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            line = f" line {where.line + 1}" if where else ""
+            raise SegMlopsError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        base = path.resolve().parent
+    cfg = _validate(_build(Config, raw, "", base))
+    return override(cfg, overrides)
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """`["model.base_filters=32", ...]` -> `{"model.base_filters": 32}` (values parsed as YAML)."""
+    flat = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SegMlopsError(f"--set {item!r}: expected section.key=value, e.g. train.epochs=3")
+        flat[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return flat
+
+
+def override(cfg: Config, overrides: Iterable[str] | Mapping[str, Any]) -> Config:
+    """A new Config with flat `section.key` overrides applied and checked (paths from the cwd)."""
+    flat = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    if not flat:
+        return cfg
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        section, _, name = key.rpartition(".")
+        if section and section not in SECTIONS:
+            raise SegMlopsError(f"unknown config section '{section}' in '{key}'" + _closest(section, SECTIONS))
+        (nested.setdefault(section, {}) if section else nested)[name] = value
+    changed = _build(Config, {k: v for k, v in nested.items() if k not in SECTIONS}, "", Path.cwd())
+    replace = {k: getattr(changed, k) for k in nested if k not in SECTIONS}
+    for section, values in nested.items():
+        if section in SECTIONS:
+            part = _build(SECTIONS[section], values, section + ".", Path.cwd())
+            replace[section] = dataclasses.replace(
+                getattr(cfg, section), **{k: getattr(part, k) for k in values})
+    return _validate(dataclasses.replace(cfg, **replace))
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """`{"experiment": ..., "model.base_filters": 16, ...}`: one entry per key, lists kept."""
+    flat: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            for sub in dataclasses.fields(value):
+                flat[f"{f.name}.{sub.name}"] = getattr(value, sub.name)
+        else:
+            flat[f.name] = value
+    return flat
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists), e.g. to write the resolved config as YAML."""
+    def plain(v: Any) -> Any:
+        return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+    return {k: ({kk: plain(vv) for kk, vv in v.items()} if isinstance(v, dict) else plain(v))
+            for k, v in dataclasses.asdict(cfg).items()}
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

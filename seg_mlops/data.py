@@ -1,0 +1,224 @@
+"""Image/mask pairs: find, validate, decode, encode masks as labels, and stream them with tf.data.
+
+Images are RGB everywhere (greyscale, RGBA and 16-bit inputs are converted on read, so training,
+evaluation and inference see the same pixels; the reference fed BGR to training and RGB to
+inference). Masks become class-index label maps *before* resizing, and label maps are resized with
+nearest neighbour, so labels stay labels. Nothing loads a whole split into memory: tf.data decodes
+files in parallel, one batch at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from seg_mlops.config import Config, DataConfig
+from seg_mlops.errors import SegMlopsError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+SPLITS = ("train", "valid", "test")
+INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR,
+                 "cubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST}
+
+
+@dataclass(frozen=True)
+class Pair:
+    image: Path
+    mask: Path
+
+
+# ----------------------------------------------------------------------------- files
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files of `folder`, sorted by name. Hidden files are skipped; any other non-image
+    file (Thumbs.db, notes.txt) is an error, because a silently ignored file is usually a mistake."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SegMlopsError(f"folder not found: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    other = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if other:
+        raise SegMlopsError(f"{folder} holds non-image files: {_names(other)}; move them out "
+                            f"(images must be {' '.join(IMAGE_SUFFIXES)})")
+    if not files:
+        raise SegMlopsError(f"no images in {folder} (expected {' '.join(IMAGE_SUFFIXES)} files)")
+    return files
+
+
+def pair_files(images_dir: str | Path, masks_dir: str | Path) -> list[Pair]:
+    """Pair images with masks by file stem (a.jpg <-> a.png), sorted by stem."""
+    images = {p.stem: p for p in list_images(images_dir)}
+    masks = {p.stem: p for p in list_images(masks_dir)}
+    for kind, found in (("image", images), ("mask", masks)):
+        files = list_images(images_dir if kind == "image" else masks_dir)
+        if len(found) != len(files):
+            dup = sorted({p.stem for p in files if sum(q.stem == p.stem for q in files) > 1})
+            raise SegMlopsError(f"two {kind}s share a name in {files[0].parent}: {_names(dup)}")
+    no_mask = sorted(set(images) - set(masks))
+    no_image = sorted(set(masks) - set(images))
+    if no_mask or no_image:
+        parts = []
+        if no_mask:
+            parts.append(f"{len(no_mask)} image(s) without a mask in {masks_dir}: {_names(no_mask)}")
+        if no_image:
+            parts.append(f"{len(no_image)} mask(s) without an image in {images_dir}: {_names(no_image)}")
+        raise SegMlopsError("; ".join(parts) + " (masks are paired with images by file name)")
+    return [Pair(images[s], masks[s]) for s in sorted(images)]
+
+
+def split_pairs(cfg: Config, split: str) -> list[Pair]:
+    images_dir, masks_dir = cfg.split_dirs(split)
+    return pair_files(images_dir, masks_dir)
+
+
+def _names(names: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def fingerprint(cfg: Config) -> str:
+    """Hash of the sorted file names and sizes of every split: identifies the dataset version."""
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        for pair in split_pairs(cfg, split):
+            for path in (pair.image, pair.mask):
+                digest.update(f"{split}/{path.parent.name}/{path.name}:{path.stat().st_size}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Read any supported image as uint8 RGB (H, W, 3).
+
+    Greyscale is replicated, alpha dropped, 16-bit scaled to 8-bit; unreadable files raise
+    a SegMlopsError naming the file.
+    """
+    path = Path(path)
+    try:
+        buffer = np.fromfile(path, dtype=np.uint8)  # np.fromfile + imdecode: non-ASCII paths work
+    except OSError as exc:
+        raise SegMlopsError(f"cannot read {path}: {exc.strerror}") from None
+    image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED) if buffer.size else None
+    if image is None:
+        raise SegMlopsError(f"cannot decode {path}: empty, truncated or not an image; replace or remove it")
+    if image.dtype == np.uint16:
+        image = (image // 257).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        image = cv2.normalize(image, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def encode_mask(mask: np.ndarray, data: DataConfig, num_classes: int, name: str = "mask") -> np.ndarray:
+    """RGB mask (H, W, 3) -> uint8 class indices (H, W).
+
+    Binary: foreground where the brightest channel reaches data.mask_threshold (so green or red
+    masks work too), or any non-zero pixel with binary_mask="nonzero". Multiclass: nearest colour
+    of data.rgb_map; a pixel farther than data.color_tolerance from every colour is an error.
+    """
+    if num_classes == 1:
+        brightest = mask.max(axis=2)
+        if data.binary_mask == "nonzero":
+            return (brightest > 0).astype(np.uint8)
+        return (brightest >= data.mask_threshold).astype(np.uint8)
+    colours = np.asarray(data.rgb_map, dtype=np.float32)  # (K, 3)
+    # Squared distance of each pixel to each class colour, computed on the unique colours only:
+    # masks hold few distinct colours, so this is cheap even for 1024x1024 masks.
+    flat = mask.reshape(-1, 3)
+    unique, inverse = np.unique(flat, axis=0, return_inverse=True)
+    dist = ((unique[:, None, :].astype(np.float32) - colours[None]) ** 2).sum(axis=2)
+    nearest = dist.argmin(axis=1)
+    far = np.sqrt(dist.min(axis=1)) > data.color_tolerance
+    if far.any():
+        bad = unique[far][0]
+        count = int(np.isin(inverse.ravel(), np.flatnonzero(far)).sum())
+        raise SegMlopsError(
+            f"{name}: colour {tuple(int(c) for c in bad)} ({count} px) is farther than "
+            f"data.color_tolerance={data.color_tolerance:g} from every data.rgb_map colour "
+            f"{[list(c) for c in data.rgb_map]}; add it to rgb_map or raise the tolerance")
+    return nearest[inverse.ravel()].reshape(mask.shape[:2]).astype(np.uint8)
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int], interpolation: str = "area") -> np.ndarray:
+    """Resize an (H, W, C) image to size=(height, width)."""
+    height, width = size
+    if image.shape[:2] == (height, width):
+        return image
+    return cv2.resize(image, (width, height), interpolation=INTERPOLATION[interpolation])
+
+
+def load_pair(pair: Pair, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    """Decode, check and resize one pair: uint8 image (h, w, 3) and uint8 labels (h, w)."""
+    image = read_rgb(pair.image)
+    mask = read_rgb(pair.mask)
+    if image.shape[:2] != mask.shape[:2]:
+        raise SegMlopsError(f"size mismatch: image {pair.image} is {image.shape[1]}x{image.shape[0]} "
+                            f"but mask {pair.mask} is {mask.shape[1]}x{mask.shape[0]}")
+    labels = encode_mask(mask, cfg.data, cfg.model.num_classes, str(pair.mask))
+    size = (cfg.model.image_height, cfg.model.image_width)
+    image = resize_image(image, size, cfg.data.image_interpolation)
+    labels = resize_image(labels, size, "nearest")
+    return image, labels
+
+
+def validate(pairs: Sequence[Pair], cfg: Config, workers: int = 4) -> np.ndarray:
+    """Decode every pair once before training, so a bad file fails now with its name, not
+    mid-epoch inside TensorFlow. Returns the pixel count of each class over all pairs."""
+    def counts(pair: Pair) -> np.ndarray:
+        _, labels = load_pair(pair, cfg)
+        return np.bincount(labels.ravel(), minlength=max(2, cfg.model.num_classes))
+
+    with ThreadPoolExecutor(workers) as pool:  # cv2 releases the GIL while decoding
+        return np.sum(list(pool.map(counts, pairs)), axis=0)
+
+
+# ----------------------------------------------------------------------------- tf.data
+
+def make_dataset(pairs: Sequence[Pair], cfg: Config, *, batch_size: int, shuffle: bool):
+    """A streamed tf.data pipeline of (float32 raw-pixel images, float32 one-hot/binary labels).
+
+    File names are shuffled (seeded, reshuffled every epoch) before decoding, so shuffling costs
+    nothing and covers the whole split; decoding runs in parallel and is prefetched.
+    """
+    import tensorflow as tf
+
+    height, width = cfg.model.image_height, cfg.model.image_width
+    num_classes = cfg.model.num_classes
+    ds = tf.data.Dataset.from_tensor_slices(
+        ([str(p.image) for p in pairs], [str(p.mask) for p in pairs]))
+    if shuffle:
+        ds = ds.shuffle(len(pairs), seed=cfg.seed, reshuffle_each_iteration=True)
+
+    def load(image_path: bytes, mask_path: bytes) -> tuple[np.ndarray, np.ndarray]:
+        return load_pair(Pair(Path(image_path.decode()), Path(mask_path.decode())), cfg)
+
+    def to_tensors(image_path, mask_path):
+        image, labels = tf.numpy_function(load, [image_path, mask_path], [tf.uint8, tf.uint8])
+        image = tf.ensure_shape(tf.cast(image, tf.float32), (height, width, 3))
+        labels = tf.ensure_shape(labels, (height, width))
+        if num_classes == 1:
+            target = tf.cast(labels, tf.float32)[..., None]
+        else:
+            target = tf.one_hot(labels, num_classes, dtype=tf.float32)
+        return image, target
+
+    ds = ds.map(to_tensors, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def make_datasets(cfg: Config):
+    """Validated (train, valid) pipelines from the config's folders."""
+    train_pairs, valid_pairs = split_pairs(cfg, "train"), split_pairs(cfg, "valid")
+    validate(train_pairs + valid_pairs, cfg)
+    return (make_dataset(train_pairs, cfg, batch_size=cfg.train.batch_size, shuffle=True),
+            make_dataset(valid_pairs, cfg, batch_size=cfg.train.batch_size, shuffle=False))

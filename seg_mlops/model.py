@@ -1,0 +1,228 @@
+"""Build the UNet segmentation network (Keras 3) from the config's ``model`` section.
+
+The architecture follows the reference TensorflowUNet: per-level kernel sizes that
+shrink with depth, per-level dilation rates that shrink with depth, dropout that grows
+with depth, and a decoder that mirrors the encoder through skip connections.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from seg_mlops.errors import SegMlopsError
+
+__all__ = ["build_unet", "kernel_sizes", "dilations"]
+
+
+def kernel_sizes(base_kernels: int, num_layers: int) -> list[int]:
+    """Kernel size of each encoder level, from full resolution down to the bridge.
+
+    Args:
+        base_kernels: Kernel size at level 0 (odd).
+        num_layers: Number of encoder levels, bridge included.
+
+    Returns:
+        ``num_layers`` sizes starting at ``base_kernels``, dropping by 2 per level,
+        never below 3 (a 1x1 conv would see no spatial context). A ``base_kernels``
+        below 3 is kept as is.
+    """
+    return [max(base_kernels - 2 * i, min(3, base_kernels)) for i in range(num_layers)]
+
+
+def dilations(dilation: int, num_layers: int) -> list[int]:
+    """Dilation rate of each encoder level, from full resolution down to the bridge.
+
+    Args:
+        dilation: Dilation rate at level 0.
+        num_layers: Number of encoder levels, bridge included.
+
+    Returns:
+        ``num_layers`` rates starting at ``dilation``, dropping by 1 per level, never below 1.
+    """
+    return [max(dilation - i, 1) for i in range(num_layers)]
+
+
+def _check_divisible(key: str, size: int, num_layers: int) -> None:
+    divisor = 2 ** (num_layers - 1)
+    if size % divisor == 0:
+        return
+    lower = size // divisor * divisor
+    upper = lower + divisor
+    suggestion = f"{lower} or {upper}" if lower > 0 else f"{upper}"
+    raise SegMlopsError(
+        f"model.{key}={size} is not divisible by 2**(num_layers-1)={divisor} "
+        f"(model.num_layers={num_layers}); use {suggestion}, or fewer layers"
+    )
+
+
+def _validate(
+    *,
+    image_height: int,
+    image_width: int,
+    num_classes: int,
+    base_filters: int,
+    num_layers: int,
+    base_kernels: int,
+    dilation: int,
+    dropout_rate: float,
+    activation: str,
+) -> None:
+    if num_layers < 1:
+        raise SegMlopsError(f"model.num_layers={num_layers} must be >= 1; use e.g. 4 to 6")
+    if base_filters < 1:
+        raise SegMlopsError(f"model.base_filters={base_filters} must be >= 1; use e.g. 16")
+    if base_kernels < 1 or base_kernels % 2 == 0:
+        raise SegMlopsError(
+            f"model.base_kernels={base_kernels} must be an odd number >= 1; use e.g. 3, 5 or 7"
+        )
+    if dilation < 1:
+        raise SegMlopsError(f"model.dilation={dilation} must be >= 1; use 1 for no dilation")
+    if not 0 <= dropout_rate < 1:
+        raise SegMlopsError(
+            f"model.dropout_rate={dropout_rate} must be in [0, 1); use e.g. 0.05"
+        )
+    if num_classes < 1:
+        raise SegMlopsError(
+            f"model.num_classes={num_classes} must be >= 1; use 1 for a binary mask"
+        )
+    if image_height < 1 or image_width < 1:
+        raise SegMlopsError(
+            f"model.image_height={image_height} and model.image_width={image_width} "
+            "must both be >= 1; set positive sizes"
+        )
+    _check_divisible("image_height", image_height, num_layers)
+    _check_divisible("image_width", image_width, num_layers)
+    try:
+        keras.activations.get(activation)
+    except (ValueError, TypeError) as exc:
+        raise SegMlopsError(
+            f"model.activation={activation!r} is not a Keras activation; "
+            "use e.g. 'relu', 'elu', 'gelu', 'swish' or 'mish'"
+        ) from exc
+
+
+def _conv_block(
+    x: keras.KerasTensor,
+    *,
+    prefix: str,
+    filters: int,
+    kernel: int,
+    dilation: int,
+    dropout: float,
+    batch_norm: bool,
+    activation: str,
+) -> keras.KerasTensor:
+    """Two same-padded convs with optional BN after each and dropout between them."""
+    conv_kwargs = dict(
+        filters=filters,
+        kernel_size=(kernel, kernel),
+        dilation_rate=(dilation, dilation),
+        padding="same",
+        kernel_initializer="he_normal",
+        activation=activation,
+    )
+    x = keras.layers.Conv2D(name=f"{prefix}_conv1", **conv_kwargs)(x)
+    if batch_norm:
+        x = keras.layers.BatchNormalization(name=f"{prefix}_bn1")(x)
+    # A zero-rate Dropout is a no-op; leaving it out keeps the graph and summary honest.
+    if dropout > 0:
+        x = keras.layers.Dropout(dropout, name=f"{prefix}_dropout")(x)
+    x = keras.layers.Conv2D(name=f"{prefix}_conv2", **conv_kwargs)(x)
+    if batch_norm:
+        x = keras.layers.BatchNormalization(name=f"{prefix}_bn2")(x)
+    return x
+
+
+def build_unet(
+    *,
+    image_height: int,
+    image_width: int,
+    num_classes: int = 1,
+    base_filters: int = 16,
+    num_layers: int = 6,
+    base_kernels: int = 3,
+    dilation: int = 1,
+    dropout_rate: float = 0.05,
+    batch_norm: bool = False,
+    activation: str = "relu",
+) -> keras.Model:
+    """Build an uncompiled UNet that maps raw RGB pixels to per-pixel class probabilities.
+
+    Args:
+        image_height: Input height in pixels; must be divisible by ``2**(num_layers-1)``.
+        image_width: Input width in pixels; must be divisible by ``2**(num_layers-1)``.
+        num_classes: 1 for a binary mask (sigmoid head), >= 2 for a softmax over classes.
+        base_filters: Filters at level 0; level ``i`` has ``base_filters * 2**i``.
+        num_layers: Encoder levels including the bridge (so ``num_layers - 1`` poolings).
+        base_kernels: Odd kernel size at level 0; shrinks by 2 per level, floor 3.
+        dilation: Dilation rate at level 0; shrinks by 1 per level, floor 1.
+        dropout_rate: Level ``i`` applies dropout ``dropout_rate * i`` between its convs.
+        batch_norm: Add BatchNormalization after every conv of the encoder and decoder.
+        activation: Any Keras activation name for the hidden convs ("relu", "elu", ...).
+
+    Returns:
+        A ``keras.Model`` named "unet" taking ``(H, W, 3)`` float32 pixels in 0..255 and
+        returning ``(H, W, num_classes)`` float32 probabilities.
+
+    Raises:
+        SegMlopsError: If any argument is out of range, naming the ``model.*`` key.
+    """
+    _validate(
+        image_height=image_height,
+        image_width=image_width,
+        num_classes=num_classes,
+        base_filters=base_filters,
+        num_layers=num_layers,
+        base_kernels=base_kernels,
+        dilation=dilation,
+        dropout_rate=dropout_rate,
+        activation=activation,
+    )
+    kernels = kernel_sizes(base_kernels, num_layers)
+    rates = dilations(dilation, num_layers)
+    block = dict(batch_norm=batch_norm, activation=activation)
+
+    inputs = keras.Input(shape=(image_height, image_width, 3), dtype="float32", name="image")
+    # Scaling inside the model means every caller (training, eval, serving) feeds raw
+    # pixels and none of them can forget or double the normalisation.
+    x = keras.layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+
+    skips: list[keras.KerasTensor] = []
+    for i in range(num_layers):
+        x = _conv_block(
+            x,
+            prefix=f"enc{i}",
+            filters=base_filters * 2**i,
+            kernel=kernels[i],
+            dilation=rates[i],
+            dropout=dropout_rate * i,
+            **block,
+        )
+        skips.append(x)
+        # The deepest level is the bridge: it is not pooled, the decoder starts from it.
+        if i < num_layers - 1:
+            x = keras.layers.MaxPooling2D((2, 2), name=f"enc{i}_pool")(x)
+
+    for i in range(num_layers - 1):
+        level = num_layers - 2 - i  # the encoder level whose resolution we return to
+        filters = base_filters * 2**level
+        x = keras.layers.Conv2DTranspose(
+            filters, (2, 2), strides=(2, 2), padding="same", name=f"dec{i}_up"
+        )(x)
+        x = keras.layers.Concatenate(name=f"dec{i}_concat")([x, skips[level]])
+        x = _conv_block(
+            x,
+            prefix=f"dec{i}",
+            filters=filters,
+            kernel=kernels[level],
+            dilation=rates[level],
+            dropout=dropout_rate * level,
+            **block,
+        )
+
+    head_activation = "sigmoid" if num_classes == 1 else "softmax"
+    # float32 head: under a mixed_float16 policy the masks and the loss stay in float32.
+    outputs = keras.layers.Conv2D(
+        num_classes, (1, 1), activation=head_activation, dtype="float32", name="head"
+    )(x)
+    return keras.Model(inputs, outputs, name="unet")
