@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny synthetic datasets, tiny-model configs, and the real-data location."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from seg_mlops import config, synthetic  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A model small enough for a CPU unit test: 32 px, 3 levels, 4 filters.
+TINY = ["model.image_height=32", "model.image_width=32", "model.base_filters=4", "model.num_layers=3",
+        "model.dropout_rate=0.0", "train.batch_size=4", "train.learning_rate=0.01", "train.epochs=2",
+        "train.epoch_infer_count=2"]
+
+
+@pytest.fixture(scope="session")
+def binary_root(tmp_path_factory) -> Path:
+    return synthetic.make_dataset(tmp_path_factory.mktemp("binary"), classes=1, size=48, counts=(8, 4, 4))
+
+
+@pytest.fixture(scope="session")
+def multiclass_root(tmp_path_factory) -> Path:
+    return synthetic.make_dataset(tmp_path_factory.mktemp("multi"), classes=3, size=48, counts=(8, 4, 4))
+
+
+@pytest.fixture
+def tiny_cfg(binary_root, tmp_path):
+    """A tiny binary config writing into this test's tmp folder; extra `--set` strings apply."""
+    def make(*overrides: str) -> config.Config:
+        return config.load(None, [f"data.root={binary_root}", f"train.output_dir={tmp_path / 'out'}",
+                                  *TINY, *overrides])
+    return make
+
+
+@pytest.fixture
+def tiny_multiclass_cfg(multiclass_root, tmp_path):
+    def make(*overrides: str) -> config.Config:
+        return config.load(None, [f"data.root={multiclass_root}", f"train.output_dir={tmp_path / 'out'}",
+                                  "model.num_classes=3", f"data.rgb_map={synthetic.rgb_map(3)}",
+                                  *TINY, *overrides])
+    return make
+
+
+def real_data(name: str) -> Path:
+    """A dataset of ../shared/data (or $SEG_MLOPS_REAL_DATA). When SEG_MLOPS_REAL_DATA is set the
+    data must be there (CI): a missing folder fails the test instead of skipping it."""
+    env = os.environ.get("SEG_MLOPS_REAL_DATA")
+    root = Path(env) if env else REPO.parent / "shared" / "data"
+    path = root / name
+    if not path.is_dir():
+        if env:
+            pytest.fail(f"SEG_MLOPS_REAL_DATA={env} has no {name}")
+        pytest.skip(f"real data {path} not available (set SEG_MLOPS_REAL_DATA)")
+    return path

@@ -1,0 +1,132 @@
+"""Evaluation and inference against constant models, so every expected score is computed by hand."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import cv2
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from seg_mlops import config, evaluate, infer
+
+
+def constant_model(size: int, bias: list[float]) -> keras.Model:
+    """Ignores its input: sigmoid(bias) for one channel, softmax(bias) for several."""
+    inputs = keras.Input((size, size, 3))
+    act = "sigmoid" if len(bias) == 1 else "softmax"
+    outputs = keras.layers.Conv2D(len(bias), 1, activation=act, kernel_initializer="zeros",
+                                  bias_initializer=keras.initializers.Constant(bias))(inputs)
+    return keras.Model(inputs, outputs)
+
+
+def write_split(root, split, masks: dict[str, np.ndarray]):
+    for kind in ("images", "masks"):
+        (root / split / kind).mkdir(parents=True, exist_ok=True)
+    for name, mask in masks.items():
+        image = np.full(mask.shape[:2] + (3,), 100, np.uint8)
+        cv2.imwrite(str(root / split / "images" / f"{name}.png"), image)
+        cv2.imwrite(str(root / split / "masks" / f"{name}.png"),
+                    mask if mask.ndim == 2 else cv2.cvtColor(mask, cv2.COLOR_RGB2BGR))
+
+
+def test_binary_scores_by_hand(tmp_path):
+    a = np.zeros((8, 8), np.uint8)
+    a[2:6, 2:6] = 255  # 16 foreground pixels
+    write_split(tmp_path, "test", {"a": a, "b": np.zeros((8, 8), np.uint8)})
+    cfg = config.load(None, [f"data.root={tmp_path}", "model.image_height=8", "model.image_width=8"])
+    results = evaluate.evaluate(constant_model(8, [10.0]), cfg, tmp_path / "eval")
+
+    # Hard masks: everything predicted foreground (64 px per image).
+    # a: dice 2*16/(16+64) = 0.4, iou 16/64 = 0.25;  b (empty truth): dice 0/(0+64) = 0, iou 0.
+    assert results["mean_image_dice"] == pytest.approx((0.4 + 0.0) / 2)
+    assert results["mean_image_iou"] == pytest.approx((0.25 + 0.0) / 2)
+    # Whole split: 2*16/(16+128) and 16/(16+128-16).
+    assert results["dice_foreground"] == pytest.approx(32 / 144)
+    assert results["iou_foreground"] == pytest.approx(16 / 128)
+    # Soft, batch-global dice_coef on p = sigmoid(10) everywhere: (2*16p + 1)/(16 + 128p + 1).
+    p = 1 / (1 + math.exp(-10))
+    assert results["dice_coef"] == pytest.approx((32 * p + 1) / (17 + 128 * p), rel=1e-5)
+
+    with open(tmp_path / "eval" / "per_image.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["image"], r["dice"], r["iou"]) for r in rows] == [("a.png", "0.4000", "0.2500"),
+                                                                 ("b.png", "0.0000", "0.0000")]
+    lines = (tmp_path / "eval" / "evaluation.csv").read_text().splitlines()
+    assert lines[0] == "name,score" and "mean_image_dice,0.2000" in lines
+
+
+def test_multiclass_scores_by_hand(tmp_path):
+    rgb_map = [[0, 0, 0], [0, 255, 0], [255, 0, 0]]
+    a = np.zeros((8, 8, 3), np.uint8)
+    a[:, :4] = (0, 255, 0)  # 32 px class 1
+    a[:4, 4:] = (255, 0, 0)  # 16 px class 2; the remaining 16 px are background
+    write_split(tmp_path, "test", {"a": a, "b": np.zeros((8, 8, 3), np.uint8)})
+    cfg = config.load(None, [f"data.root={tmp_path}", "model.image_height=8", "model.image_width=8",
+                             "model.num_classes=3", f"data.rgb_map={rgb_map}"])
+    results = evaluate.evaluate(constant_model(8, [0.0, 10.0, 0.0]), cfg, tmp_path / "eval")
+
+    # Every pixel predicted class 1. Whole split: class0 truth 80, pred 0 -> 0;
+    # class1 truth 32, pred 128, overlap 32 -> 64/160; class2 truth 16, pred 0 -> 0.
+    assert [results[f"dice_class{c}"] for c in range(3)] == pytest.approx([0.0, 0.4, 0.0])
+    # Per image over the foreground classes 1, 2: a -> (64/96 + 0)/2; b -> class1 0/64 = 0,
+    # class2 empty/empty = 1 -> 0.5.
+    assert results["mean_image_dice"] == pytest.approx(((64 / 96) / 2 + 0.5) / 2)
+    assert {"class_dice", "class_dice_bg", "dice_coef", "loss"} <= set(results)
+
+
+def test_infer_writes_masks_at_original_size(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    cv2.imwrite(str(images / "wide.png"), np.full((12, 20, 3), 255, np.uint8))
+    cv2.imwrite(str(images / "small.jpg"), np.full((8, 8, 3), 255, np.uint8))
+    written = infer.infer_folder(constant_model(8, [10.0]), images, tmp_path / "out",
+                                 palette=[(0, 0, 0), (0, 255, 0)], colorize_masks=True, overlays=True,
+                                 alpha=0.4)
+    assert [p.name for p in written] == ["small.png", "wide.png"]
+    mask = Image.open(tmp_path / "out" / "wide.png")
+    assert mask.mode == "L" and mask.size == (20, 12)
+    assert set(np.unique(np.asarray(mask))) == {255}
+    colour = cv2.imread(str(tmp_path / "out" / "colorized" / "wide.png"))[..., ::-1]
+    assert (colour == (0, 255, 0)).all()
+    # White image + green at alpha 0.4: (0.6*255, 255, 0.6*255) = 153 -- no uint8 wrap-around.
+    blend = cv2.imread(str(tmp_path / "out" / "overlay" / "wide.png"))[..., ::-1]
+    assert (blend == (153, 255, 153)).all()
+
+
+def test_infer_multiclass_palette_png(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    cv2.imwrite(str(images / "x.png"), np.zeros((16, 10, 3), np.uint8))
+    palette = [(0, 0, 0), (0, 255, 0), (255, 0, 0)]
+    infer.infer_folder(constant_model(8, [0.0, 0.0, 10.0]), images, tmp_path / "out", palette=palette)
+    mask = Image.open(tmp_path / "out" / "x.png")
+    # Pixel values are class ids; the palette is the rgb_map, so viewers show the colours.
+    assert mask.mode == "P" and mask.size == (10, 16)
+    assert set(np.unique(np.asarray(mask))) == {2}
+    assert mask.getpalette()[:9] == [0, 0, 0, 0, 255, 0, 255, 0, 0]
+    assert np.asarray(mask.convert("RGB"))[0, 0].tolist() == [255, 0, 0]
+
+
+def test_binary_threshold_and_overlay_by_hand():
+    probs = np.array([[[0.2], [0.5]], [[0.7], [0.49]]])
+    assert infer.to_labels(probs, 0.5).tolist() == [[0, 1], [1, 0]]
+    assert infer.to_labels(probs, 0.75).tolist() == [[0, 0], [0, 0]]
+    image = np.array([[[250, 250, 250], [10, 20, 30]]], np.uint8)
+    labels = np.array([[1, 0]], np.uint8)
+    # Foreground pixel: 0.5*250 + 0.5*(255, 0, 0) = (252.5, 125, 125) -> rounded; background kept.
+    assert infer.overlay(image, labels, [(0, 0, 0), (255, 0, 0)], 0.5).tolist() == \
+        [[[253, 125, 125], [10, 20, 30]]]
+
+
+def test_load_model_errors(tmp_path):
+    from seg_mlops.errors import SegMlopsError
+
+    with pytest.raises(SegMlopsError, match="model not found: .*nope.keras"):
+        infer.load_model(tmp_path / "nope.keras")
+    (tmp_path / "bad.keras").write_text("not a model")
+    with pytest.raises(SegMlopsError, match="cannot load model .*bad.keras"):
+        infer.load_model(tmp_path / "bad.keras")

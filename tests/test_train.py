@@ -1,0 +1,107 @@
+"""Training end to end on a tiny synthetic set: checkpoint, history files, epoch panels, LR
+reducer, seeding and the output-folder guard."""
+
+from __future__ import annotations
+
+import csv
+
+import cv2
+import keras
+import numpy as np
+import pytest
+
+from seg_mlops import train
+from seg_mlops.errors import SegMlopsError
+from seg_mlops.infer import load_model
+
+
+@pytest.fixture
+def trained(tiny_cfg):
+    cfg = tiny_cfg("train.epochs=3")
+    return cfg, train.train(cfg, verbose=0)
+
+
+def test_history_checkpoint_and_csvs(trained):
+    cfg, result = trained
+    assert len(result.history["loss"]) == 3
+    assert result.model_path.name == "best_model.keras" and result.model_path.exists()
+    # The checkpoint holds the best epoch on train.monitor (val_dice_coef, max); the returned
+    # model has the same weights restored.
+    best = int(np.argmax(result.history["val_dice_coef"]))
+    reloaded = load_model(result.model_path)
+    x = np.random.default_rng(0).uniform(0, 255, (1, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(reloaded.predict_on_batch(x), result.model.predict_on_batch(x), atol=1e-5)
+    assert 0 <= best < 3
+
+    with open(result.output_dir / "train_losses.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["epoch", "loss", "val_loss"]
+    assert [r[0] for r in rows[1:]] == ["0", "1", "2"]
+    assert [float(r[2]) for r in rows[1:]] == pytest.approx(result.history["val_loss"], abs=6e-5)
+    with open(result.output_dir / "train_metrics.csv") as f:
+        header = next(csv.reader(f))
+    assert header == ["epoch", "dice_coef", "val_dice_coef", "iou_coef", "val_iou_coef",
+                      "image_dice", "val_image_dice"]
+    for name in ("train_losses.png", "train_metrics.png"):
+        assert cv2.imread(str(result.output_dir / name)) is not None
+    assert (result.output_dir / "config.yaml").read_text().startswith("experiment:")
+
+
+def test_epoch_inference_panels(trained):
+    cfg, result = trained
+    panels = sorted((result.output_dir / "epoch_infer").glob("*.png"))
+    # 2 fixed images (the first two valid pairs by name) x 3 epochs
+    assert [p.name for p in panels] == [f"epoch_{e:03d}_cell_{i:04d}.png" for e in (1, 2, 3) for i in (0, 1)]
+    image = cv2.imread(str(panels[0]))
+    assert image.shape == (32, 3 * 32 + 4, 3)  # input | truth | prediction with 2-px gaps
+    # The ground-truth third is a binary mask: only black and white pixels.
+    truth = image[:, 34:66]
+    assert set(np.unique(truth)) <= {0, 255} and truth.max() == 255
+    # The callback exposes the latest panels for other callbacks (MLflow logs them).
+    assert result.epoch_inference.epoch == 3
+    assert sorted(result.epoch_inference.panels) == ["cell_0000", "cell_0001"]
+
+
+def test_output_folder_is_not_reused_without_overwrite(trained, tiny_cfg):
+    cfg, result = trained
+    before = result.model_path.stat().st_mtime_ns
+    with pytest.raises(SegMlopsError, match="already holds a trained model.*--overwrite"):
+        train.train(cfg, verbose=0)
+    assert result.model_path.stat().st_mtime_ns == before  # nothing touched
+
+
+def test_lr_reducer_uses_configured_factor_and_patience(tiny_cfg):
+    # A learning rate too small to move any metric by min_delta: epoch 1 sets the best, epochs 2-3
+    # don't improve, so the LR halves after epoch 3 and again after epoch 5 (the logged value is
+    # the LR an epoch ran with). The reference's FLEX trainer silently ignored the patience.
+    cfg = tiny_cfg("train.epochs=5", "train.learning_rate=1e-9", "train.reducer_factor=0.5",
+                   "train.reducer_patience=2", "train.patience=0", "train.epoch_infer_count=0",
+                   "train.monitor=val_loss")
+    result = train.train(cfg, verbose=0)
+    assert result.history["learning_rate"] == pytest.approx([1e-9, 1e-9, 1e-9, 5e-10, 5e-10], rel=1e-4)
+
+
+def test_same_seed_same_history(tiny_cfg, tmp_path):
+    first = train.train(tiny_cfg("train.epoch_infer_count=0"), verbose=0).history
+    keras.backend.clear_session()
+    second = train.train(tiny_cfg("train.epoch_infer_count=0", f"train.output_dir={tmp_path / 'again'}"),
+                         verbose=0).history
+    np.testing.assert_allclose(first["loss"], second["loss"], rtol=1e-4)
+    third = train.train(tiny_cfg("train.epoch_infer_count=0", "seed=1", f"train.output_dir={tmp_path / 'c'}"),
+                        verbose=0).history
+    assert not np.allclose(first["loss"], third["loss"], rtol=1e-4)
+
+
+def test_monitor_must_be_logged(tiny_cfg):
+    with pytest.raises(SegMlopsError, match="train.monitor='val_dice'.*val_dice_coef"):
+        train.train(tiny_cfg("train.monitor=val_dice"), verbose=0)
+
+
+def test_multiclass_trains_with_class_metrics(tiny_multiclass_cfg):
+    result = train.train(tiny_multiclass_cfg("train.epochs=1", "train.monitor=val_class_dice"), verbose=0)
+    assert {"class_dice", "val_class_dice", "class_dice_bg", "dice_coef"} <= set(result.history)
+    assert result.model.output_shape == (None, 32, 32, 3)
+    panel = cv2.cvtColor(cv2.imread(str(next((result.output_dir / "epoch_infer").glob("*.png")))),
+                         cv2.COLOR_BGR2RGB)
+    truth_colours = {tuple(c) for c in panel[:, 34:66].reshape(-1, 3)}
+    assert truth_colours <= {(0, 0, 0), (0, 255, 0), (255, 0, 0)}
