@@ -68,9 +68,9 @@ def make_demo_data(output: str, classes: int, size: int, counts: tuple[int, int,
 @click.option("--overwrite", is_flag=True, help="Reuse an output folder that already holds a model.")
 def train(config_path: str, overrides: tuple[str, ...], overwrite: bool) -> None:
     """Train a UNet; writes the best model, history CSVs/plots and epoch panels."""
+    cfg = _load(config_path, overrides)  # config errors first, before TensorFlow loads
     from seg_mlops import train as train_mod
 
-    cfg = _load(config_path, overrides)
     result = train_mod.train(cfg, overwrite=overwrite)
     from seg_mlops.losses import monitor_mode
 
@@ -87,10 +87,10 @@ def train(config_path: str, overrides: tuple[str, ...], overwrite: bool) -> None
               help="Folder for evaluation.csv and per_image.csv [default: the model's folder].")
 def evaluate(config_path: str, model_path: str, overrides: tuple[str, ...], output: str | None) -> None:
     """Score a model on the test split of the config's dataset."""
+    cfg = _load(config_path, overrides)
     from seg_mlops import evaluate as evaluate_mod
     from seg_mlops.infer import load_model
 
-    cfg = _load(config_path, overrides)
     model = load_model(model_path)
     out = Path(output) if output else Path(model_path).parent
     results = evaluate_mod.evaluate(model, cfg, out)
@@ -110,9 +110,9 @@ def evaluate(config_path: str, model_path: str, overrides: tuple[str, ...], outp
 def infer(config_path: str, model_path: str, overrides: tuple[str, ...], images: str, output: str,
           colorize: bool | None, overlay: bool | None) -> None:
     """Predict masks for a folder of images, written at each image's original size."""
+    cfg = _load(config_path, overrides)
     from seg_mlops.infer import infer_folder, load_model
 
-    cfg = _load(config_path, overrides)
     model = load_model(model_path)
     written = infer_folder(
         model, images, output, palette=cfg.palette(), threshold=cfg.infer.threshold,

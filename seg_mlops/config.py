@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -165,12 +166,13 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if hint is float:
         if isinstance(value, bool):
             raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
         try:  # PyYAML reads "1e-4" (no dot) as a string: accept it as the float users meant
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise bad from None
+        if not math.isfinite(number):  # NaN would pass every range check below
+            raise SegMlopsError(f"{key}={value!r}: expected a finite number")
+        return number
     if hint is str:
         if isinstance(value, str):
             return value
@@ -206,7 +208,7 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str, base: Path | None)
         if name not in fields:
             raise SegMlopsError(f"unknown config key '{key}'" + _closest(str(name), fields, prefix))
         if dataclasses.is_dataclass(hints[name]):
-            kwargs[name] = _build(hints[name], value or {}, key + ".", base)
+            kwargs[name] = _build(hints[name], {} if value is None else value, key + ".", base)
             continue
         value = _coerce(key, value, hints[name])
         meta = fields[name].metadata
@@ -261,8 +263,9 @@ def load(path: str | Path | None = None, overrides: Iterable[str] | Mapping[str,
             line = f" line {where.line + 1}" if where else ""
             raise SegMlopsError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
         base = path.resolve().parent
-    cfg = _validate(_build(Config, raw, "", base))
-    return override(cfg, overrides)
+    # Cross-key checks run once, after the overrides: `--set model.num_classes=2` may be what
+    # makes the file's rgb_map consistent.
+    return _validate(_apply(_build(Config, raw, "", base), overrides))
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
@@ -278,12 +281,18 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
 
 def override(cfg: Config, overrides: Iterable[str] | Mapping[str, Any]) -> Config:
     """A new Config with flat `section.key` overrides applied and checked (paths from the cwd)."""
+    return _validate(_apply(cfg, overrides))
+
+
+def _apply(cfg: Config, overrides: Iterable[str] | Mapping[str, Any]) -> Config:
     flat = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
     if not flat:
         return cfg
     nested: dict[str, Any] = {}
     for key, value in flat.items():
         section, _, name = key.rpartition(".")
+        if not section and name in SECTIONS:
+            raise SegMlopsError(f"--set {key}=...: name a key of the section, e.g. {key}.{next(iter(dataclasses.fields(SECTIONS[name]))).name}=...")
         if section and section not in SECTIONS:
             raise SegMlopsError(f"unknown config section '{section}' in '{key}'" + _closest(section, SECTIONS))
         (nested.setdefault(section, {}) if section else nested)[name] = value
@@ -294,7 +303,7 @@ def override(cfg: Config, overrides: Iterable[str] | Mapping[str, Any]) -> Confi
             part = _build(SECTIONS[section], values, section + ".", Path.cwd())
             replace[section] = dataclasses.replace(
                 getattr(cfg, section), **{k: getattr(part, k) for k in values})
-    return _validate(dataclasses.replace(cfg, **replace))
+    return dataclasses.replace(cfg, **replace)
 
 
 def flatten(cfg: Config) -> dict[str, Any]:

@@ -141,7 +141,7 @@ def encode_mask(mask: np.ndarray, data: DataConfig, num_classes: int, name: str 
     far = np.sqrt(dist.min(axis=1)) > data.color_tolerance
     if far.any():
         bad = unique[far][0]
-        count = int(np.isin(inverse.ravel(), np.flatnonzero(far)).sum())
+        count = int((inverse.ravel() == np.flatnonzero(far)[0]).sum())
         raise SegMlopsError(
             f"{name}: colour {tuple(int(c) for c in bad)} ({count} px) is farther than "
             f"data.color_tolerance={data.color_tolerance:g} from every data.rgb_map colour "

@@ -97,10 +97,12 @@ def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = 
         verbose: Keras fit verbosity (2 = one line per epoch).
     """
     keras.utils.set_random_seed(cfg.seed)  # Python, NumPy and TF at once (the reference's B1)
-    train_ds, valid_ds = data.make_datasets(cfg)
-    out = prepare_output(cfg, overwrite)
+    # Cheap checks first (model shape, loss and monitor names, every data file), so bad input
+    # fails in seconds and before the output folder is touched.
     model = build_unet(**dataclasses.asdict(cfg.model))
     metric_names = compile_model(model, cfg)
+    train_ds, valid_ds = data.make_datasets(cfg)
+    out = prepare_output(cfg, overwrite)
     monitor, mode = cfg.train.monitor, losses.monitor_mode(cfg.train.monitor)
 
     callbacks: list[keras.callbacks.Callback] = [

@@ -1,0 +1,86 @@
+"""The `seg-mlops` commands as a user runs them: demo data -> train -> evaluate -> infer, and
+bad input giving one `Error:` line with exit code 1 (no traceback)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+
+from seg_mlops.cli import cli
+
+
+def run(*args: str, ok: bool = True):
+    result = CliRunner().invoke(cli, list(args))
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture
+def demo_config(tmp_path):
+    run("make-demo-data", str(tmp_path / "data"), "--size", "48", "--counts", "8", "4", "4")
+    cfg = {"experiment": "smoke", "data": {"root": "data"},
+           "model": {"image_height": 32, "image_width": 32, "base_filters": 4, "num_layers": 3},
+           "train": {"output_dir": "out", "epochs": 2, "batch_size": 4, "epoch_infer_count": 2}}
+    path = tmp_path / "smoke.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_train_evaluate_infer(demo_config, tmp_path):
+    out = tmp_path / "out"  # relative paths in the YAML resolve against its folder
+    result = run("train", "--config", str(demo_config), "--set", "train.learning_rate=0.01")
+    assert f"model: {out / 'best_model.keras'}" in result.output
+    assert "after 2 epochs" in result.output
+
+    result = run("evaluate", "--config", str(demo_config), "--model", str(out / "best_model.keras"))
+    scores = dict(line.split(",") for line in (out / "evaluation.csv").read_text().splitlines()[1:])
+    assert 0.0 <= float(scores["dice_foreground"]) <= 1.0
+    assert f"dice_foreground,{scores['dice_foreground']}" in result.output
+    assert len((out / "per_image.csv").read_text().splitlines()) == 1 + 4
+
+    result = run("infer", "--config", str(demo_config), "--model", str(out / "best_model.keras"),
+                 "--images", str(tmp_path / "data" / "test" / "images"), "--output", str(tmp_path / "masks"),
+                 "--overlay")
+    assert "wrote 4 masks" in result.output
+    mask = Image.open(tmp_path / "masks" / "cell_0000.png")
+    assert mask.size == (48, 48)  # original size, not the model's 32 px
+    assert set(np.unique(np.asarray(mask))) <= {0, 255}
+    assert (tmp_path / "masks" / "overlay" / "cell_0000.png").exists()
+    assert not (tmp_path / "masks" / "colorized").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "model.base_filter=8"], "Error: unknown config key 'model.base_filter'; did you mean 'model.base_filters'?"),
+    (["--set", "train.epochs=-2"], "Error: train.epochs=-2: must be >= 1"),
+    (["--set", "train.epochs=many"], "Error: train.epochs='many': expected an integer"),
+    (["--set", "model.image_height=30"], "Error: model.image_height=30 is not divisible by 2**(num_layers-1)=4"),
+])
+def test_bad_input_is_one_line(demo_config, args, message):
+    result = run("train", "--config", str(demo_config), *args, ok=False)
+    assert result.exit_code == 1
+    assert result.output.startswith(message)
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_missing_mask_names_the_file(demo_config, tmp_path):
+    (tmp_path / "data" / "train" / "masks" / "cell_0003.png").unlink()
+    result = run("train", "--config", str(demo_config), ok=False)
+    assert result.exit_code == 1
+    assert "1 image(s) without a mask" in result.output and "cell_0003" in result.output
+    assert not (tmp_path / "out").exists()  # failed before anything was written
+
+
+def test_console_script_exit_code_and_no_traceback(tmp_path):
+    # The installed entry point, in a real process: what a shell user sees.
+    proc = subprocess.run([sys.executable, "-m", "seg_mlops.cli", "evaluate", "--config",
+                           str(tmp_path / "missing.yaml"), "--model", "x.keras"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"Error: config file not found: {tmp_path / 'missing.yaml'}"
