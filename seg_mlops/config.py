@@ -128,9 +128,10 @@ class Config:
         return Path(images), Path(masks)
 
     def palette(self) -> list[tuple[int, int, int]]:
-        """Colour per class for masks written by inference (binary: black, white)."""
+        """Colour per class for colour masks, overlays and panels (binary: green on black,
+        as every seed experiment colours its masks)."""
         if self.model.num_classes == 1:
-            return [(0, 0, 0), (255, 255, 255)]
+            return [(0, 0, 0), (0, 255, 0)]
         return [tuple(c) for c in self.data.rgb_map]
 
 

@@ -40,7 +40,7 @@ def test_defaults_load_with_none():
     assert cfg.data.binary_mask == "threshold" and cfg.data.mask_threshold == 128
     assert cfg.data.rgb_map == () and cfg.train.metrics == ()
     assert cfg.output_dir == Path("outputs/default")
-    assert cfg.palette() == [(0, 0, 0), (255, 255, 255)]
+    assert cfg.palette() == [(0, 0, 0), (0, 255, 0)]
 
 
 def test_yaml_sections_load_with_types(tmp_path):
