@@ -59,6 +59,10 @@ def _fmt(values: list[float]) -> str:
     return " ".join(f"{v:.1f}" for v in values)
 
 
+def _fmt2(values: list[float]) -> str:
+    return " ".join(f"{v:.2f}" for v in values)
+
+
 # ----------------------------------------------------------------------------- part 1: throughput
 
 def throughput(root: Path, base_filters: int, *, max_images: int | None, rounds: int) -> dict:
@@ -96,50 +100,61 @@ def throughput(root: Path, base_filters: int, *, max_images: int | None, rounds:
     compile_model(model, cfg)
 
     class EpochTimer(keras.callbacks.Callback):
-        seconds = 0.0
+        seconds = cpu = 0.0
 
         def on_epoch_begin(self, epoch, logs=None):
-            self._start = time.perf_counter()
+            self._start, self._cpu = time.perf_counter(), time.process_time()
 
         def on_epoch_end(self, epoch, logs=None):
             self.seconds = time.perf_counter() - self._start
+            self.cpu = time.process_time() - self._cpu
 
     timer = EpochTimer()
 
-    def fit_epoch(ds) -> float:
+    # Each returns (images/s of wall time, CPU ms of this process, all threads, per image).
+    def fit_epoch(ds) -> tuple[float, float]:
         model.fit(ds, epochs=1, verbose=0, shuffle=False, callbacks=[timer])
-        return n / timer.seconds
+        return n / timer.seconds, 1000 * timer.cpu / n
 
-    def pipeline_pass(ds) -> float:
-        start = time.perf_counter()
+    def pipeline_pass(ds) -> tuple[float, float]:
+        start, cpu = time.perf_counter(), time.process_time()
         count = sum(int(batch_images.shape[0]) for batch_images, _ in ds)
-        return count / (time.perf_counter() - start)
+        return count / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / count
 
     variants = {"disk": lambda: fit_epoch(disk), "memory": lambda: fit_epoch(memory),
                 "pipeline": lambda: pipeline_pass(disk)}
     for run in variants.values():  # warm-up, not timed
         run()
     rates: dict[str, list[float]] = {name: [] for name in variants}
-    order = list(variants)
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)  # disk and memory stay adjacent in both orders: a round is a fair pair
     for r in range(rounds):
         for name in (order if r % 2 == 0 else order[::-1]):
-            rates[name].append(variants[name]())
-    return {"base_filters": base_filters, "images": n, "params": model.count_params(), "rates": rates}
+            rate, cpu_ms = variants[name]()
+            rates[name].append(rate)
+            cpu[name].append(cpu_ms)
+    return {"base_filters": base_filters, "images": n, "params": model.count_params(),
+            "rates": rates, "cpu": cpu}
 
 
 def print_throughput(result: dict) -> None:
-    rates = result["rates"]
+    rates, cpu = result["rates"], result["cpu"]
     med = {k: statistics.median(v) for k, v in rates.items()}
     best = {k: max(v) for k, v in rates.items()}
+    cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
+    paired = [d / m for d, m in zip(rates["disk"], rates["memory"])]
     print(f"\n  model base_filters={result['base_filters']} ({result['params']:,} params), "
           f"{result['images']} images/epoch, {len(rates['disk'])} timed epochs per variant")
-    print(f"  {'variant':<34}{'median':>8}{'best':>8}   every epoch (images/s)")
+    print(f"  {'variant':<34}{'median':>8}{'best':>8}{'CPU ms/img':>12}   every epoch (images/s)")
     labels = {"disk": "train from disk (make_dataset)", "memory": "train from memory (tensors)",
               "pipeline": "disk pipeline alone, no model"}
     for key, label in labels.items():
-        print(f"  {label:<34}{med[key]:>8.1f}{best[key]:>8.1f}   {_fmt(rates[key])}")
+        print(f"  {label:<34}{med[key]:>8.1f}{best[key]:>8.1f}{cpu_med[key]:>12.1f}   {_fmt(rates[key])}")
     print(f"  ratio disk/memory: {med['disk'] / med['memory']:.2f} (medians), "
-          f"{best['disk'] / best['memory']:.2f} (bests)   [target >= 0.9]")
+          f"{best['disk'] / best['memory']:.2f} (bests), {statistics.median(paired):.2f} "
+          f"(median of per-round pairs: {_fmt2(paired)})   [target >= 0.9]")
+    print(f"  CPU time per image memory/disk: {cpu_med['memory'] / cpu_med['disk']:.2f} (what the ratio "
+          f"tends to when the model alone keeps every core busy; less sensitive to other load)")
     print(f"  pipeline alone / training from memory: {med['pipeline'] / med['memory']:.2f}x "
           f"(> 1: the pipeline alone outruns the model)")
 
@@ -272,14 +287,16 @@ def main() -> None:
 
     print(f"\nPart 1 - training throughput, {herlev.name} train split, {SIZE_PART1} px, batch {BATCH}, "
           f"UNet num_layers=5 base_kernels=3", flush=True)
-    sizes, rounds, max_images = ((8,), 2, 32) if quick else ((8, 16), 6, None)
+    sizes, rounds, max_images = ((8,), 2, 32) if quick else ((8, 16), 8, None)
     for base_filters in sizes:
         print_throughput(throughput(herlev, base_filters, max_images=max_images, rounds=rounds))
 
     print(f"\nPart 2 - peak RSS (ru_maxrss), {dsb.name}, each run in a fresh subprocess; "
           f"baseline = after importing TensorFlow + seg_mlops")
     print_memory(memory, splits)
-    print(f"\ntotal {time.perf_counter() - started:.0f}s")
+    print(f"\ntotal {time.perf_counter() - started:.0f}s; load average at the end "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} on {len(os.sched_getaffinity(0))} cores "
+          f"(above the core count: something else was competing for the CPU)")
 
 
 if __name__ == "__main__":

@@ -98,3 +98,14 @@ class EpochInference(keras.callbacks.Callback):
         for stem, image, truth, pred in zip(self.stems, self.images, self.truths, preds):
             self.panels[stem] = panel(image, truth, pred, self.palette)
             write_rgb(self.out_dir / f"epoch_{self.epoch:03d}_{stem}.png", self.panels[stem])
+
+
+class PanelConsumer(keras.callbacks.Callback):
+    """Base for callbacks that use the epoch-inference panels (e.g. to log them).
+
+    `train.train` sets `source` to the run's EpochInference (None when it is disabled); being
+    placed after it in the callback list, a consumer sees each epoch's panels in on_epoch_end.
+    """
+
+    source: EpochInference | None = None
+

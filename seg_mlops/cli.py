@@ -28,14 +28,18 @@ config_option = click.option("--config", "config_path", type=click.Path(dir_okay
                              help="Experiment YAML (see configs/).")
 set_option = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
                           help="Override a config key, e.g. --set train.epochs=3 (repeatable).")
+sets_option = click.option("--sets", default="", metavar="'K=V K=V'",
+                           help="Several overrides in one shell-quoted string (MLproject's -P set=...).")
 model_option = click.option("--model", "model_path", type=click.Path(), required=True,
                             help="A saved model (best_model.keras written by train).")
 
 
-def _load(config_path: str, overrides: tuple[str, ...]):
+def _load(config_path: str, overrides: tuple[str, ...], sets: str = ""):
+    import shlex
+
     from seg_mlops import config
 
-    return config.load(config_path, overrides)
+    return config.load(config_path, [*overrides, *shlex.split(sets)])
 
 
 @click.group(cls=_Group)
@@ -65,35 +69,45 @@ def make_demo_data(output: str, classes: int, size: int, counts: tuple[int, int,
 @cli.command()
 @config_option
 @set_option
+@sets_option
 @click.option("--overwrite", is_flag=True, help="Reuse an output folder that already holds a model.")
-def train(config_path: str, overrides: tuple[str, ...], overwrite: bool) -> None:
-    """Train a UNet; writes the best model, history CSVs/plots and epoch panels."""
-    cfg = _load(config_path, overrides)  # config errors first, before TensorFlow loads
-    from seg_mlops import train as train_mod
-
-    result = train_mod.train(cfg, overwrite=overwrite)
+def train(config_path: str, overrides: tuple[str, ...], sets: str, overwrite: bool) -> None:
+    """Train a UNet in an MLflow run: params, curves, epoch panels, evaluation and the model."""
+    cfg = _load(config_path, overrides, sets)  # config errors first, before TensorFlow loads
+    from seg_mlops import tracking
     from seg_mlops.losses import monitor_mode
 
+    result, run_id = tracking.train(cfg, overwrite=overwrite)
     values = result.history[cfg.train.monitor]
     best = (min if monitor_mode(cfg.train.monitor) == "min" else max)(values)
     click.echo(f"best {cfg.train.monitor}={best:.4f} after {len(values)} epochs; model: {result.model_path}")
+    click.echo(f"MLflow run {run_id} in experiment '{cfg.experiment}' ({tracking.tracking_uri()})")
 
 
 @cli.command()
 @config_option
 @model_option
 @set_option
+@sets_option
 @click.option("--output", type=click.Path(file_okay=False), default=None,
-              help="Folder for evaluation.csv and per_image.csv [default: the model's folder].")
-def evaluate(config_path: str, model_path: str, overrides: tuple[str, ...], output: str | None) -> None:
-    """Score a model on the test split of the config's dataset."""
-    cfg = _load(config_path, overrides)
-    from seg_mlops import evaluate as evaluate_mod
-    from seg_mlops.infer import load_model
+              help="Folder for evaluation.csv and per_image.csv [default: the model's folder, or "
+                   "outputs/<experiment>/evaluate for a models:/ URI].")
+def evaluate(config_path: str, model_path: str, overrides: tuple[str, ...], sets: str,
+             output: str | None) -> None:
+    """Score a model (file or MLflow URI) on the test split; logged as an MLflow run."""
+    cfg = _load(config_path, overrides, sets)
+    import mlflow
 
-    model = load_model(model_path)
-    out = Path(output) if output else Path(model_path).parent
-    results = evaluate_mod.evaluate(model, cfg, out)
+    from seg_mlops import evaluate as evaluate_mod
+    from seg_mlops import tracking
+
+    model = tracking.load_model(model_path)
+    is_file = Path(model_path).exists()
+    out = Path(output) if output else (Path(model_path).parent if is_file else cfg.output_dir / "evaluate")
+    with tracking.start_run(cfg, run_name="evaluate", tags=tracking.run_tags(cfg)):
+        mlflow.set_tag("seg_mlops.evaluated_model", model_path)
+        results = evaluate_mod.evaluate(model, cfg, out)
+        tracking.log_evaluation(results, out)
     for name, value in results.items():
         click.echo(f"{name},{value:.4f}")
     click.echo(f"wrote {out / 'evaluation.csv'} and {out / 'per_image.csv'}")
@@ -103,17 +117,19 @@ def evaluate(config_path: str, model_path: str, overrides: tuple[str, ...], outp
 @config_option
 @model_option
 @set_option
+@sets_option
 @click.option("--images", type=click.Path(file_okay=False), required=True, help="Folder of images (any size).")
 @click.option("--output", type=click.Path(file_okay=False), required=True, help="Folder for the masks.")
 @click.option("--colorize/--no-colorize", default=None, help="Also write colour masks [config: infer.colorize].")
 @click.option("--overlay/--no-overlay", default=None, help="Also write overlays [config: infer.overlay].")
-def infer(config_path: str, model_path: str, overrides: tuple[str, ...], images: str, output: str,
+def infer(config_path: str, model_path: str, overrides: tuple[str, ...], sets: str, images: str, output: str,
           colorize: bool | None, overlay: bool | None) -> None:
     """Predict masks for a folder of images, written at each image's original size."""
-    cfg = _load(config_path, overrides)
-    from seg_mlops.infer import infer_folder, load_model
+    cfg = _load(config_path, overrides, sets)
+    from seg_mlops import tracking
+    from seg_mlops.infer import infer_folder
 
-    model = load_model(model_path)
+    model = tracking.load_model(model_path)
     written = infer_folder(
         model, images, output, palette=cfg.palette(), threshold=cfg.infer.threshold,
         batch_size=cfg.infer.batch_size,
@@ -121,6 +137,74 @@ def infer(config_path: str, model_path: str, overrides: tuple[str, ...], images:
         overlays=cfg.infer.overlay if overlay is None else overlay,
         alpha=cfg.infer.overlay_alpha, interpolation=cfg.data.image_interpolation)
     click.echo(f"wrote {len(written)} masks to {output}")
+
+
+@cli.command()
+@config_option
+@set_option
+@click.option("--metric", default="", help="Compare runs on this metric [default: train.monitor].")
+@click.option("--run-id", default=None, help="Register this run instead of the experiment's best.")
+@click.option("--force", type=click.BOOL, default=False, is_flag=False, flag_value=True,
+              help="Make it champion even if it is not better (--force, or --force true|false).")
+def register(config_path: str, overrides: tuple[str, ...], metric: str, run_id: str | None,
+             force: bool) -> None:
+    """Register the experiment's best run as seg-<experiment>; alias champion if it is better."""
+    cfg = _load(config_path, overrides)
+    from seg_mlops import registry
+
+    r = registry.register_best(cfg, metric=metric or None, force=force, run_id=run_id)
+    click.echo(f"{r.name} version {r.version}: {r.metric}={r.value:.4f} (run {r.run_id}) is candidate")
+    if r.promoted:
+        click.echo(f"promoted to champion: models:/{r.name}@champion")
+    else:
+        click.echo(f"not promoted: champion has {r.metric}={r.previous_champion:.4f} (use --force to override)")
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default="configs/demo.yaml",
+              show_default=True, help="The demo config (its data.root is made when missing).")
+@set_option
+@sets_option
+def demo(config_path: str, overrides: tuple[str, ...], sets: str) -> None:
+    """The main job: synthetic data -> tracked training -> registry -> masks for the test images."""
+    cfg = _load(config_path, overrides, sets)
+    from seg_mlops import registry, synthetic, tracking
+    from seg_mlops.infer import infer_folder
+
+    if not Path(cfg.data.root, "train").is_dir():
+        synthetic.make_dataset(cfg.data.root)
+        click.echo(f"made the synthetic demo dataset in {cfg.data.root}")
+    result, run_id = tracking.train(cfg, overwrite=True)  # the demo's own folder: rerunning replaces it
+    r = registry.register_best(cfg, run_id=run_id)
+    click.echo(f"{r.name} version {r.version}: {r.metric}={r.value:.4f}"
+               + (" -> champion" if r.promoted else f" (champion stays at {r.previous_champion:.4f})"))
+    images, _ = cfg.split_dirs("test")
+    written = infer_folder(result.model, images, result.output_dir / "infer", palette=cfg.palette(),
+                           threshold=cfg.infer.threshold, colorize_masks=True, overlays=True)
+    click.echo(f"wrote {len(written)} masks to {result.output_dir / 'infer'}")
+    click.echo("browse the runs: seg-mlops ui  (then http://127.0.0.1:5000)")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback unless you say so).")
+@click.option("--port", default=5000, show_default=True)
+def ui(host: str, port: int) -> None:
+    """Start the MLflow UI/server over the project's tracking store (tracking/), artifacts proxied."""
+    import subprocess
+    import sys
+
+    from seg_mlops import tracking
+
+    store = tracking.tracking_uri()
+    if not store.startswith(("sqlite:", "postgresql", "mysql")):
+        raise SegMlopsError(f"MLFLOW_TRACKING_URI={store} is a server already; open it in a browser")
+    if store.startswith("sqlite:///"):
+        Path(store.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    artifacts = tracking.artifacts_home()
+    click.echo(f"MLflow UI on http://{host}:{port} (store {store}); Ctrl-C stops it")
+    cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", store,
+           "--artifacts-destination", str(artifacts), "--host", host, "--port", str(port)]
+    raise SystemExit(subprocess.call(cmd))
 
 
 def main() -> None:

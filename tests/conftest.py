@@ -19,6 +19,19 @@ TINY = ["model.image_height=32", "model.image_width=32", "model.base_filters=4",
         "train.epoch_infer_count=2"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tracking_store(tmp_path_factory) -> str:
+    """A throwaway MLflow store for the whole session (never the project's tracking/)."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
 @pytest.fixture(scope="session")
 def binary_root(tmp_path_factory) -> Path:
     return synthetic.make_dataset(tmp_path_factory.mktemp("binary"), classes=1, size=48, counts=(8, 4, 4))

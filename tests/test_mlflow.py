@@ -1,0 +1,186 @@
+"""Real MLflow, no mocks: `mlflow run` of the train entry point, a real `mlflow server` on a free
+loopback port, `mlflow models serve` answering HTTP, and runs that fail or are interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from seg_mlops import config, registry, tracking
+from tests.conftest import REPO, TINY
+
+MLFLOW = str(Path(sys.executable).with_name("mlflow"))
+
+
+def venv_env(**extra: str) -> dict[str, str]:
+    """The environment of a user with this venv activated (mlflow run and serve call `python`
+    and `uvicorn` through PATH)."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **extra}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args[:3]} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer in {seconds}s")
+
+
+@contextmanager
+def serve(args: list[str], url: str, env: dict[str, str]):
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        wait_http(url, proc)
+        yield proc
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def tiny_yaml(binary_root, tmp_path) -> Path:
+    flat = config.parse_overrides(TINY + [f"data.root={binary_root}", f"train.output_dir={tmp_path / 'out'}"])
+    nested: dict = {"experiment": "tiny-mlproject"}
+    for key, value in flat.items():
+        section, name = key.split(".")
+        nested.setdefault(section, {})[name] = value
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(nested))
+    return path
+
+
+def check_training_run(run_id: str, epochs: int) -> None:
+    """What a user browsing the run in the UI must find."""
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.base_filters"] == "4" and params["train.monitor"] == "val_dice_coef"
+    for name in ("loss", "val_loss", "val_dice_coef", "lr", "epoch_seconds"):
+        assert [m.step for m in client.get_metric_history(run_id, name)] == list(range(epochs)), name
+    assert "test_dice_coef" in run.data.metrics and "best_val_dice_coef" in run.data.metrics
+    assert len(run.data.tags["seg_mlops.dataset_fingerprint"]) == 16
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config.yaml", "evaluation.csv", "per_image.csv", "train_losses.csv", "train_metrics.png"} <= artifacts
+    # One decodable panel per fixed image per epoch, under epoch_infer/<stem> with its step.
+    pngs = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
+    assert sorted(p.split("~")[1].split("+step+")[0] + f"@{p.split('+step+')[1].split('+')[0]}"
+                  for p in pngs) == sorted(f"cell_000{i}@{e}" for i in range(2) for e in range(epochs))
+    local = client.download_artifacts(run_id, pngs[0])
+    assert Image.open(local).size == (3 * 32 + 4, 32)
+    # The logged model: pyfunc, raw pixels in, masks out, no seg_mlops code needed.
+    model = mlflow.pyfunc.load_model(run.data.tags[tracking.MODEL_URI_TAG])
+    out = model.predict(np.full((2, 32, 32, 3), 128, np.float32))
+    assert np.asarray(out).shape == (2, 32, 32, 1)
+
+
+def test_mlflow_run_train_entry_point(tiny_yaml, tracking_store):
+    # `mlflow run --experiment-name` would create a missing experiment with artifacts in ./mlruns;
+    # ours keep them beside the store.
+    tracking.connect("tiny-mlproject")
+    env = venv_env(MLFLOW_TRACKING_URI=tracking_store)
+    proc = subprocess.run([MLFLOW, "run", str(REPO), "-e", "train", "-P", f"config={tiny_yaml}",
+                           "-P", "set=train.epochs=3 train.learning_rate=0.02", "--env-manager", "local",
+                           "--experiment-name", "tiny-mlproject"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mlflow.set_tracking_uri(tracking_store)
+    runs = mlflow.search_runs(experiment_names=["tiny-mlproject"], output_format="list")
+    assert len(runs) == 1
+    # Entry-point params (config, set) live beside our flattened config without conflict.
+    # (mlflow logs the shell-quoted value of string params)
+    assert runs[0].data.params["set"].strip("'") == "train.epochs=3 train.learning_rate=0.02"
+    assert runs[0].data.params["train.learning_rate"] == "0.02"
+    check_training_run(runs[0].info.run_id, epochs=3)
+
+
+def test_training_against_a_real_tracking_server(tiny_cfg, tmp_path, monkeypatch):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    store = f"sqlite:///{tmp_path / 'server.db'}"
+    args = [MLFLOW, "server", "--backend-store-uri", store, "--artifacts-destination",
+            str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port)]
+    with serve(args, url + "/health", venv_env()):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        _, run_id = tracking.train(tiny_cfg("experiment=via-server"))
+        mlflow.set_tracking_uri(url)
+        check_training_run(run_id, epochs=2)
+    # Proxied artifacts: the files went to the server's destination, not our machine's tracking/.
+    assert list((tmp_path / "server-artifacts").rglob("evaluation.csv"))
+
+
+def test_unreachable_server_is_one_clear_error(tiny_cfg, monkeypatch):
+    url = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    from seg_mlops.errors import SegMlopsError
+
+    with pytest.raises(SegMlopsError, match=f"tracking server {url} is unreachable"):
+        tracking.train(tiny_cfg())
+
+
+class Boom(keras.callbacks.Callback):
+    def __init__(self, exc: BaseException):
+        super().__init__()
+        self.exc = exc
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1:
+            raise self.exc
+
+
+@pytest.mark.parametrize("exc, status", [(RuntimeError("disk full"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+def test_a_crash_ends_the_run_and_keeps_the_checkpoint(tiny_cfg, exc, status):
+    cfg = tiny_cfg("train.epochs=3", f"experiment=crash-{status.lower()}")
+    with pytest.raises(type(exc)):
+        tracking.train(cfg, extra_callbacks=[Boom(exc)])
+    run = mlflow.search_runs(experiment_names=[cfg.experiment], output_format="list")[0]
+    assert run.info.status == status
+    assert [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")] == [0, 1]
+    assert (cfg.output_dir / "best_model.keras").exists()
+
+
+def test_register_and_serve_champion(tiny_cfg):
+    cfg = tiny_cfg("experiment=served", "train.epochs=1")
+    _, run_id = tracking.train(cfg)
+    result = registry.register_best(cfg)
+    assert result.promoted and result.run_id == run_id and result.name == "seg-served"
+
+    port = free_port()
+    env = venv_env(MLFLOW_TRACKING_URI=tracking.tracking_uri())
+    args = [MLFLOW, "models", "serve", "-m", "models:/seg-served@champion", "--env-manager", "local",
+            "-h", "127.0.0.1", "-p", str(port)]
+    with serve(args, f"http://127.0.0.1:{port}/ping", env):
+        batch = np.full((1, 32, 32, 3), 200, np.float32).tolist()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps({"inputs": batch}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            predictions = np.asarray(json.loads(response.read())["predictions"])
+    assert predictions.shape == (1, 32, 32, 1)
+    assert ((predictions >= 0) & (predictions <= 1)).all()
