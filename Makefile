@@ -1,9 +1,8 @@
-# Quick start: `make demo` (train, evaluate and infer on the synthetic demo set) and `make test`.
+# Quick start: `make demo` (the main job on the synthetic demo set, tracked in MLflow) and `make test`.
 # Both create .venv and install the package (with test extras) when missing; both are idempotent.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEMO := outputs/demo
 
 .PHONY: demo test install clean
 
@@ -14,16 +13,15 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
+# The main job through MLflow Projects: synthetic data -> tracked training -> registry champion
+# -> masks. The experiment is made first so its artifacts live beside the store in tracking/.
 demo: install
-	$(BIN)/seg-mlops make-demo-data outputs/demo-data
-	$(BIN)/seg-mlops train --config configs/demo.yaml --overwrite
-	$(BIN)/seg-mlops evaluate --config configs/demo.yaml --model $(DEMO)/best_model.keras
-	$(BIN)/seg-mlops infer --config configs/demo.yaml --model $(DEMO)/best_model.keras \
-		--images outputs/demo-data/test/images --output $(DEMO)/infer
-	@echo "demo outputs in $(DEMO): best_model.keras, evaluation.csv, train_*.csv/png, epoch_infer/, infer/"
+	$(BIN)/python -c "from seg_mlops import tracking; tracking.connect('demo')"
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow run . --env-manager local --experiment-name demo
+	@echo "browse runs, curves and epoch images: .venv/bin/seg-mlops ui  (http://127.0.0.1:5000)"
 
 test: install
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf outputs .pytest_cache
+	rm -rf outputs .pytest_cache  # tracking/ (runs, registry) is kept: remove it by hand

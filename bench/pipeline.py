@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import resource
+import dataclasses
 import statistics
 import subprocess
 import sys
@@ -86,6 +87,8 @@ def throughput(root: Path, base_filters: int, *, max_images: int | None, rounds:
 
     # (a) the real streamed pipeline; (b) the same pairs decoded once, then held as tensors.
     disk = data.make_dataset(pairs, cfg, batch_size=BATCH, shuffle=True)
+    # (c) the same pipeline with data.cache: decoded once (first epoch), then from memory.
+    cached = data.make_dataset(pairs, config.override(cfg, {"data.cache": True}), batch_size=BATCH, shuffle=True)
     decoded = [data.load_pair(p, cfg) for p in pairs]
     images = np.stack([image for image, _ in decoded]).astype(np.float32)
     targets = np.stack([labels for _, labels in decoded]).astype(np.float32)[..., None]
@@ -94,9 +97,7 @@ def throughput(root: Path, base_filters: int, *, max_images: int | None, rounds:
               .batch(BATCH).prefetch(tf.data.AUTOTUNE))
     assert disk.element_spec == memory.element_spec, (disk.element_spec, memory.element_spec)
 
-    model = build_unet(**{k: getattr(cfg.model, k) for k in (
-        "image_height", "image_width", "num_classes", "base_filters", "num_layers", "base_kernels",
-        "dilation", "dropout_rate", "batch_norm", "activation")})
+    model = build_unet(**dataclasses.asdict(cfg.model))
     compile_model(model, cfg)
 
     class EpochTimer(keras.callbacks.Callback):
@@ -122,7 +123,7 @@ def throughput(root: Path, base_filters: int, *, max_images: int | None, rounds:
         return count / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / count
 
     variants = {"disk": lambda: fit_epoch(disk), "memory": lambda: fit_epoch(memory),
-                "pipeline": lambda: pipeline_pass(disk)}
+                "cached": lambda: fit_epoch(cached), "pipeline": lambda: pipeline_pass(disk)}
     for run in variants.values():  # warm-up, not timed
         run()
     rates: dict[str, list[float]] = {name: [] for name in variants}
@@ -147,12 +148,13 @@ def print_throughput(result: dict) -> None:
           f"{result['images']} images/epoch, {len(rates['disk'])} timed epochs per variant")
     print(f"  {'variant':<34}{'median':>8}{'best':>8}{'CPU ms/img':>12}   every epoch (images/s)")
     labels = {"disk": "train from disk (make_dataset)", "memory": "train from memory (tensors)",
-              "pipeline": "disk pipeline alone, no model"}
+              "cached": "train from disk, data.cache=true", "pipeline": "disk pipeline alone, no model"}
     for key, label in labels.items():
         print(f"  {label:<34}{med[key]:>8.1f}{best[key]:>8.1f}{cpu_med[key]:>12.1f}   {_fmt(rates[key])}")
     print(f"  ratio disk/memory: {med['disk'] / med['memory']:.2f} (medians), "
           f"{best['disk'] / best['memory']:.2f} (bests), {statistics.median(paired):.2f} "
           f"(median of per-round pairs: {_fmt2(paired)})   [target >= 0.9]")
+    print(f"  ratio cached/memory: {med['cached'] / med['memory']:.2f} (medians)   [target >= 0.9]")
     print(f"  CPU time per image memory/disk: {cpu_med['memory'] / cpu_med['disk']:.2f} (what the ratio "
           f"tends to when the model alone keeps every core busy; less sensitive to other load)")
     print(f"  pipeline alone / training from memory: {med['pipeline'] / med['memory']:.2f}x "

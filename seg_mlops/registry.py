@@ -8,7 +8,6 @@ beats it on the monitored metric (or when forced). Serving and inference load
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import mlflow
 from mlflow.entities import Run
@@ -61,11 +60,7 @@ def registered_name(experiment: str) -> str:
 def _client() -> MlflowClient:
     """A client on the project's tracking store. Unlike tracking.connect, this never creates an
     experiment: registering from an experiment that does not exist must fail, not make it."""
-    uri = tracking.tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise SegMlopsError(f"no tracking store at {uri}: train first (seg-mlops train)")
-    mlflow.set_tracking_uri(uri)
-    return MlflowClient(uri)
+    return MlflowClient(tracking.use_store(create=False))
 
 
 def _metric_of(run: Run, metric: str) -> tuple[str, float] | None:
@@ -158,7 +153,7 @@ def register_best(cfg: Config, metric: str | None = None, force: bool = False,
     name = registered_name(cfg.experiment)
     if run_id is None:
         run = best_run(cfg.experiment, metric)
-        client = MlflowClient(tracking.tracking_uri())
+        client = _client()
     else:
         client = _client()
         try:

@@ -37,12 +37,15 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(TRACKING_HOME / 'mlflow.db').resolve()}"
 
 
-def connect(experiment: str) -> str:
-    """Point MLflow at the tracking store, fail early (one line) if it is unreachable, and return
-    the id of `experiment`, created when missing (artifacts under tracking/artifacts locally)."""
+def use_store(create: bool = True) -> str:
+    """Point MLflow at the tracking store and return its URI; an unreachable server or (with
+    create=False) a missing sqlite file is one clear error, before any work starts."""
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not create and not path.is_file():
+            raise SegMlopsError(f"no tracking store at {uri}: train first (seg-mlops train)")
+        path.parent.mkdir(parents=True, exist_ok=True)
     elif uri.startswith(("http://", "https://")):
         import requests
 
@@ -52,6 +55,13 @@ def connect(experiment: str) -> str:
             raise SegMlopsError(f"tracking server {uri} is unreachable ({type(exc).__name__}); start it "
                                 f"(seg-mlops ui) or fix MLFLOW_TRACKING_URI") from None
     mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def connect(experiment: str) -> str:
+    """Use the tracking store and return the id of `experiment`, created when missing (with its
+    artifacts beside a sqlite store, under tracking/artifacts by default)."""
+    uri = use_store()
     found = mlflow.get_experiment_by_name(experiment)
     if found is not None:
         return found.experiment_id
@@ -179,7 +189,7 @@ def load_model(uri_or_path: str):
 
     if "://" not in uri_or_path and ":/" not in uri_or_path:
         return load_file(uri_or_path)
-    mlflow.set_tracking_uri(tracking_uri())
+    use_store()
     try:
         return mlflow.keras.load_model(uri_or_path)
     except Exception as exc:  # MlflowException, OSError...: the user needs the URI and the reason

@@ -363,3 +363,28 @@ def test_make_dataset_shuffle_is_seeded_and_reshuffled(six_pairs):
     assert epoch1 != in_order
     other_seed = config.override(cfg, {"seed": 137})
     assert _means(data.make_dataset(pairs, other_seed, batch_size=4, shuffle=True)) != epoch1
+
+
+def test_make_dataset_cache_decodes_once_and_still_reshuffles(six_pairs, tmp_path):
+    import shutil
+
+    root = shutil.copytree(six_pairs, tmp_path / "copy")
+    cfg = _cfg(f"data.root={root}", "model.image_height=16", "model.image_width=16", "seed=1",
+               "data.cache=true")
+    pairs = data.split_pairs(cfg, "train")
+    streamed = _means(data.make_dataset(pairs, config.override(cfg, {"data.cache": False}),
+                                        batch_size=4, shuffle=False))
+    ds = data.make_dataset(pairs, cfg, batch_size=4, shuffle=True)
+    epoch1 = _means(ds)
+    shutil.rmtree(root / "train")  # later epochs come from memory, not from the files
+    epoch2, epoch3 = _means(ds), _means(ds)
+    assert sorted(epoch1) == sorted(epoch2) == sorted(streamed)
+    assert len({tuple(epoch1), tuple(epoch2), tuple(epoch3)}) > 1  # still reshuffled per epoch
+
+
+def test_encode_binary_grey_equals_rgb():
+    grey = np.array([[0, 127], [128, 255]], np.uint8)
+    cfg = _cfg()
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    np.testing.assert_array_equal(encode_mask(grey, cfg.data, 1), [[0, 0], [1, 1]])
+    np.testing.assert_array_equal(encode_mask(rgb, cfg.data, 1), [[0, 0], [1, 1]])

@@ -184,3 +184,36 @@ def test_register_and_serve_champion(tiny_cfg):
             predictions = np.asarray(json.loads(response.read())["predictions"])
     assert predictions.shape == (1, 32, 32, 1)
     assert ((predictions >= 0) & (predictions <= 1)).all()
+
+
+def test_main_entry_point_runs_the_demo_pipeline(tmp_path, tracking_store):
+    tracking.connect("demo")
+    overrides = (f"data.root={tmp_path / 'demo-data'} train.output_dir={tmp_path / 'out'} train.epochs=2 "
+                 "model.image_height=32 model.image_width=32 model.num_layers=3 model.base_filters=4")
+    proc = subprocess.run([MLFLOW, "run", str(REPO), "-P", f"set={overrides}", "--env-manager", "local",
+                           "--experiment-name", "demo"],
+                          env=venv_env(MLFLOW_TRACKING_URI=tracking_store), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "demo-data" / "train" / "images").glob("*.png"))) == 64
+    assert len(list((tmp_path / "out" / "infer").glob("*.png"))) == 16
+    mlflow.set_tracking_uri(tracking_store)
+    champion = mlflow.MlflowClient().get_model_version_by_alias("seg-demo", "champion")
+    run = mlflow.get_run(champion.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["train.epochs"] == "2"
+
+
+def test_ui_serves_the_project_store_on_loopback(tmp_path):
+    store = f"sqlite:///{tmp_path / 'ui' / 'mlflow.db'}"
+    env = venv_env(MLFLOW_TRACKING_URI=store)
+    subprocess.run([sys.executable, "-c", "from seg_mlops import tracking; tracking.connect('seen-in-ui')"],
+                   env=env, check=True, capture_output=True)
+    port = free_port()
+    args = [sys.executable, "-m", "seg_mlops.cli", "ui", "--port", str(port)]
+    with serve(args, f"http://127.0.0.1:{port}/health", env):
+        query = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
+                                       data=json.dumps({"max_results": 10}).encode(),
+                                       headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(query, timeout=30) as response:
+            names = {e["name"] for e in json.loads(response.read())["experiments"]}
+    assert "seen-in-ui" in names
