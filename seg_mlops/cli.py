@@ -144,20 +144,76 @@ def infer(config_path: str, model_path: str, overrides: tuple[str, ...], sets: s
 @set_option
 @click.option("--metric", default="", help="Compare runs on this metric [default: train.monitor].")
 @click.option("--run-id", default=None, help="Register this run instead of the experiment's best.")
+@click.option("--from-study", is_flag=True, help="Register the best trial of the dataset's Optuna study.")
 @click.option("--force", type=click.BOOL, default=False, is_flag=False, flag_value=True,
               help="Make it champion even if it is not better (--force, or --force true|false).")
 def register(config_path: str, overrides: tuple[str, ...], metric: str, run_id: str | None,
-             force: bool) -> None:
+             from_study: bool, force: bool) -> None:
     """Register the experiment's best run as seg-<experiment>; alias champion if it is better."""
     cfg = _load(config_path, overrides)
     from seg_mlops import registry
 
+    if from_study:
+        from seg_mlops import tuning
+
+        run_id = tuning.best_trial_run_id(cfg)
     r = registry.register_best(cfg, metric=metric or None, force=force, run_id=run_id)
     click.echo(f"{r.name} version {r.version}: {r.metric}={r.value:.4f} (run {r.run_id}) is candidate")
     if r.promoted:
         click.echo(f"promoted to champion: models:/{r.name}@champion")
     else:
         click.echo(f"not promoted: champion has {r.metric}={r.previous_champion:.4f} (use --force to override)")
+
+
+@cli.command()
+@config_option
+@set_option
+@sets_option
+@click.option("--n-trials", type=click.IntRange(1), default=None,
+              help="Finished trials the study aims at, all workers together [config: tune.n_trials].")
+@click.option("--timeout", type=click.FloatRange(0), default=None, help="Seconds for this launch [tune.timeout].")
+@click.option("--storage", default=None, help="Optuna storage URL, e.g. postgresql://user@host/optuna "
+              "[tune.storage; default: the journal file tracking/optuna.journal].")
+def tune(config_path: str, overrides: tuple[str, ...], sets: str, n_trials: int | None, timeout: float | None,
+         storage: str | None) -> None:
+    """Search the config's tune.space with Optuna; the same command on N machines = one study."""
+    cfg = _load(config_path, overrides, sets)
+    if storage is not None:
+        from seg_mlops import config
+
+        cfg = config.override(cfg, {"tune.storage": storage})
+    from seg_mlops import tuning
+
+    study = tuning.run_study(cfg, n_trials=n_trials, timeout=timeout)
+    states = [t.state.name for t in study.get_trials(deepcopy=False)]
+    click.echo(f"study '{study.study_name}' in {tuning.redact(tuning.storage_url(cfg))}: "
+               + ", ".join(f"{states.count(s)} {s.lower()}" for s in sorted(set(states))))
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    if complete:
+        best = study.best_trial
+        click.echo(f"best trial {best.number}: {cfg.train.monitor}={best.value:.4f} {best.params}")
+        click.echo(f"register it: seg-mlops register --config {config_path} --from-study")
+
+
+@cli.command()
+@config_option
+@set_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback unless you say so).")
+@click.option("--port", default=8080, show_default=True)
+def dashboard(config_path: str, overrides: tuple[str, ...], host: str, port: int) -> None:
+    """Start optuna-dashboard on the dataset's study storage."""
+    cfg = _load(config_path, overrides)
+    import subprocess
+    import sys
+
+    from seg_mlops import tuning
+
+    url = tuning.storage_url(cfg)
+    if "://" not in url and not Path(url).exists():
+        raise SegMlopsError(f"no study storage at {url}: run seg-mlops tune first")
+    click.echo(f"optuna-dashboard on http://{host}:{port} (storage {tuning.redact(url)}); Ctrl-C stops it")
+    cmd = [str(Path(sys.executable).with_name("optuna-dashboard")), url, "--host", host, "--port", str(port)]
+    raise SystemExit(subprocess.call(cmd))
 
 
 @cli.command()

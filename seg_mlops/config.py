@@ -27,6 +27,8 @@ def _key(default: Any, *, lo: float | None = None, hi: float | None = None,
          choices: tuple[str, ...] | None = None, path: bool = False) -> Any:
     """A config field: default plus the checks `load()` applies (range, choices, path)."""
     meta = {"lo": lo, "hi": hi, "choices": choices, "path": path}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: tuple(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -109,6 +111,33 @@ class InferConfig:
     overlay_alpha: float = _key(0.4, lo=0, hi=1)
 
 
+# The default search space: categorical lists, or {low, high[, step][, log]} ranges whose type
+# (int or float) is the key's own. Any flattened key of data/model/train can be searched.
+DEFAULT_SPACE = {
+    "model.base_filters": [8, 16, 32],
+    "model.base_kernels": [3, 5, 7, 9],
+    "model.dilation": [1, 2, 3],
+    "train.learning_rate": {"low": 1e-5, "high": 1e-2, "log": True},
+}
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """The Optuna study of this dataset (study name = experiment)."""
+
+    space: dict = _key(DEFAULT_SPACE)
+    epochs: int = _key(8, lo=1)  # epochs per trial (replaces train.epochs in trials)
+    n_trials: int = _key(20, lo=1)  # finished trials the study aims at, all workers together
+    timeout: float = _key(0.0, lo=0)  # seconds per launch; 0 = no limit
+    sampler: str = _key("tpe", choices=("tpe", "random"))
+    pruner: str = _key("median", choices=("median", "hyperband", "none"))
+    warmup_epochs: int = _key(2, lo=0)  # median pruner: epochs a trial runs before it can be pruned
+    # "" = the journal file tracking/optuna.journal (one machine, many processes); else any
+    # Optuna storage URL, e.g. postgresql://user@host/optuna for many machines.
+    storage: str = _key("")
+    heartbeat_seconds: int = _key(30, lo=1)  # RDB storages: a trial silent 2x this long is retried
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole experiment. `experiment` names the dataset (MLflow experiment, Optuna study)."""
@@ -119,6 +148,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     @property
     def output_dir(self) -> Path:
@@ -138,7 +168,8 @@ class Config:
         return [tuple(c) for c in self.data.rgb_map]
 
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "infer": InferConfig}
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
+                             "infer": InferConfig, "tune": TuneConfig}
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -181,13 +212,18 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, str):
             return value
         raise bad
+    if hint is dict:
+        if isinstance(value, Mapping):
+            return dict(value)
+        raise bad
     raise AssertionError(f"unsupported config type {hint}")
 
 
 def _type_name(hint: Any) -> str:
     if typing.get_origin(hint) is tuple:
         return f"a list of {_type_name(typing.get_args(hint)[0])}"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            dict: "a mapping"}[hint]
 
 
 def _check(key: str, value: Any, meta: Mapping[str, Any]) -> None:
@@ -241,7 +277,41 @@ def _validate(cfg: Config) -> Config:
                             "set model.num_classes to the number of colours, or remove data.rgb_map")
     if m.base_kernels % 2 == 0:
         raise SegMlopsError(f"model.base_kernels={m.base_kernels}: must be odd")
+    _validate_space(cfg.tune.space)
     return cfg
+
+
+def _validate_space(space: Mapping[str, Any]) -> None:
+    """Every searched key exists and every choice or bound has the key's own type."""
+    searchable = {f"{name}.{f.name}": (typing.get_type_hints(section)[f.name], f.metadata)
+                  for name, section in SECTIONS.items() if name != "tune"
+                  for f in dataclasses.fields(section)}
+    for key, spec in space.items():
+        where = f"tune.space.{key}"
+        if key not in searchable:
+            raise SegMlopsError(f"unknown key '{where}'" + _closest(str(key), searchable, "tune.space."))
+        hint, meta = searchable[key]
+        if meta.get("path") or typing.get_origin(hint) is tuple:
+            raise SegMlopsError(f"{where}: paths and lists cannot be searched")
+        if isinstance(spec, (list, tuple)):
+            if not spec:
+                raise SegMlopsError(f"{where}: give at least one choice")
+            for value in spec:
+                _check(where, _coerce(where, value, hint), meta)
+            continue
+        if not isinstance(spec, Mapping) or hint not in (int, float) or not {"low", "high"} <= set(spec) \
+                or not set(spec) <= {"low", "high", "step", "log"}:
+            raise SegMlopsError(f"{where}={spec!r}: expected a list of choices, or for numbers "
+                                "{low: .., high: .., step: .. (optional), log: true|false (optional)}")
+        low, high = (_coerce(f"{where}.{b}", spec[b], hint) for b in ("low", "high"))
+        for value in (low, high):
+            _check(where, value, meta)
+        if not low < high:
+            raise SegMlopsError(f"{where}: low={low} must be below high={high}")
+        if spec.get("log") and low <= 0:
+            raise SegMlopsError(f"{where}: a log range needs low > 0, got {low}")
+        if not isinstance(spec.get("log", False), bool):
+            raise SegMlopsError(f"{where}.log={spec['log']!r}: expected true or false")
 
 
 # ----------------------------------------------------------------------------- public API

@@ -11,7 +11,7 @@ import keras
 
 from seg_mlops.errors import SegMlopsError
 
-__all__ = ["build_unet", "kernel_sizes", "dilations"]
+__all__ = ["build_unet", "check_args", "kernel_sizes", "dilations"]
 
 
 def kernel_sizes(base_kernels: int, num_layers: int) -> list[int]:
@@ -55,18 +55,21 @@ def _check_divisible(key: str, size: int, num_layers: int) -> None:
     )
 
 
-def _validate(
+def check_args(
     *,
     image_height: int,
     image_width: int,
-    num_classes: int,
-    base_filters: int,
-    num_layers: int,
-    base_kernels: int,
-    dilation: int,
-    dropout_rate: float,
-    activation: str,
+    num_classes: int = 1,
+    base_filters: int = 16,
+    num_layers: int = 6,
+    base_kernels: int = 3,
+    dilation: int = 1,
+    dropout_rate: float = 0.05,
+    batch_norm: bool = False,
+    activation: str = "relu",
 ) -> None:
+    """Raise SegMlopsError naming the model.* key if build_unet could not build these arguments
+    (cheap: lets a tuner reject a trial before any training)."""
     if num_layers < 1:
         raise SegMlopsError(f"model.num_layers={num_layers} must be >= 1; use e.g. 4 to 6")
     if base_filters < 1:
@@ -167,7 +170,7 @@ def build_unet(
     Raises:
         SegMlopsError: If any argument is out of range, naming the ``model.*`` key.
     """
-    _validate(
+    check_args(
         image_height=image_height,
         image_width=image_width,
         num_classes=num_classes,

@@ -106,9 +106,11 @@ def run_tags(cfg: Config) -> dict[str, str]:
 
 @contextlib.contextmanager
 def start_run(cfg: Config, *, run_name: str | None = None, parent_run_id: str | None = None,
-              tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+              tags: dict[str, str] | None = None,
+              killed_by: tuple[type[BaseException], ...] = (KeyboardInterrupt,)) -> Iterator[mlflow.ActiveRun]:
     """A run in the config's experiment (or the one `mlflow run` created: MLFLOW_RUN_ID), ended
-    FINISHED on success, KILLED on Ctrl-C and FAILED on any other exception: never left RUNNING."""
+    FINISHED on success, KILLED on Ctrl-C (or `killed_by`, e.g. a pruned trial) and FAILED on any
+    other exception: never left RUNNING."""
     experiment_id = connect(cfg.experiment)
     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id)
     try:
@@ -117,7 +119,7 @@ def start_run(cfg: Config, *, run_name: str | None = None, parent_run_id: str | 
                   f"`mlflow run`), not '{cfg.experiment}'; pass --experiment-name {cfg.experiment} to mlflow run")
         mlflow.set_tags(tags or {})  # start_run ignores tags when resuming the run of `mlflow run`
         yield run
-    except KeyboardInterrupt:
+    except killed_by:
         mlflow.end_run("KILLED")
         raise
     except BaseException:
@@ -210,13 +212,15 @@ def log_evaluation(results: dict[str, float], out_dir: Path) -> None:
 
 
 def train(cfg: Config, *, overwrite: bool = False, extra_callbacks: Sequence[keras.callbacks.Callback] = (),
-          run_name: str | None = None, parent_run_id: str | None = None, evaluate_test: bool = True):
+          run_name: str | None = None, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+          killed_by: tuple[type[BaseException], ...] = (KeyboardInterrupt,)):
     """Train inside an MLflow run: params, tags, per-epoch metrics and panels, the history files,
     `best_<monitor>`, test-split evaluation and the model. Returns (TrainResult, run_id)."""
     from seg_mlops import evaluate, losses
     from seg_mlops import train as train_mod
 
-    with start_run(cfg, run_name=run_name, parent_run_id=parent_run_id, tags=run_tags(cfg)) as run:
+    with start_run(cfg, run_name=run_name, parent_run_id=parent_run_id, tags={**run_tags(cfg), **(tags or {})},
+                   killed_by=killed_by) as run:
         log_params_once(config_mod.flatten(cfg))
         result = train_mod.train(cfg, overwrite=overwrite, extra_callbacks=[MLflowLogger(), *extra_callbacks])
         values = result.history[cfg.train.monitor]
@@ -225,7 +229,6 @@ def train(cfg: Config, *, overwrite: bool = False, extra_callbacks: Sequence[ker
         mlflow.log_text(config_mod.to_yaml(cfg), "config.yaml")
         log_artifacts(result.output_dir, ["train_losses.csv", "train_losses.png",
                                           "train_metrics.csv", "train_metrics.png"])
-        if evaluate_test:
-            log_evaluation(evaluate.evaluate(result.model, cfg, result.output_dir), result.output_dir)
+        log_evaluation(evaluate.evaluate(result.model, cfg, result.output_dir), result.output_dir)
         log_model(result.model)
         return result, run.info.run_id

@@ -71,3 +71,31 @@ def real_data(name: str) -> Path:
             pytest.fail(f"SEG_MLOPS_REAL_DATA={env} has no {name}")
         pytest.skip(f"real data {path} not available (set SEG_MLOPS_REAL_DATA)")
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory) -> str:
+    """A throwaway PostgreSQL server on 127.0.0.1 for the whole session (tracking/postgres.sh; on a
+    fresh Debian machine it first installs the postgresql package, hence the long timeout). If the
+    script fails, the tests using this fixture fail with its stderr: they never skip."""
+    import subprocess
+
+    script = REPO / "tracking" / "postgres.sh"
+    pgdir = tmp_path_factory.mktemp("postgres")
+
+    def run(*args: str, timeout: float) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(script), *args, str(pgdir)], stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout)
+
+    try:
+        proc = run("start", timeout=300)
+    except subprocess.TimeoutExpired as exc:
+        run("remove", timeout=60)
+        pytest.fail(f"tracking/postgres.sh start timed out after 300 s:\n{exc.stderr or ''}", pytrace=False)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines or "://" not in lines[-1]:
+        run("remove", timeout=60)
+        pytest.fail(f"tracking/postgres.sh start failed (exit {proc.returncode}):\n{proc.stderr}"
+                    f"\nstdout: {proc.stdout}", pytrace=False)
+    yield lines[-1]
+    run("remove", timeout=60)

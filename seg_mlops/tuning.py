@@ -1,0 +1,243 @@
+"""Optuna studies per dataset: search space from the config, objective, pruning, storages, and the
+MLflow parent/child runs of a study launch.
+
+The objective only wires things together: config overrides from the trial in, the unchanged
+tracked training (`tracking.train`) with a pruning callback, the monitored metric out. Study name =
+experiment; relaunching the same command resumes the study; on an RDB storage (PostgreSQL) a worker
+that dies has its trial retried by another (heartbeats).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import keras
+import mlflow
+import optuna
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from seg_mlops import config as config_mod
+from seg_mlops import losses, registry, tracking
+from seg_mlops.config import Config
+from seg_mlops.errors import SegMlopsError
+from seg_mlops.model import check_args
+
+RUN_ID_ATTR = "mlflow_run_id"
+MODEL_URI_ATTR = "model_uri"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+# ----------------------------------------------------------------------------- search space
+
+def suggest(trial: optuna.Trial, space: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """The trial's values for every key of the space: lists are categorical, {low, high} ranges
+    are int or float as the key's own type (config.py already checked the space)."""
+    current = config_mod.flatten(cfg)
+    values = {}
+    for key, spec in space.items():
+        if isinstance(spec, (list, tuple)):
+            values[key] = trial.suggest_categorical(key, list(spec))
+        elif isinstance(current[key], int):
+            values[key] = trial.suggest_int(key, spec["low"], spec["high"], step=spec.get("step", 1),
+                                            log=spec.get("log", False))
+        else:
+            values[key] = trial.suggest_float(key, spec["low"], spec["high"], step=spec.get("step"),
+                                              log=spec.get("log", False))
+    return values
+
+
+def own_values(cfg: Config) -> dict[str, Any] | None:
+    """The config's own values for the searched keys, when they lie inside the space (so the
+    study can start from the hand-picked config and never end worse than it)."""
+    current = config_mod.flatten(cfg)
+    values = {key: current[key] for key in cfg.tune.space}
+    for key, spec in cfg.tune.space.items():
+        value = values[key]
+        inside = value in spec if isinstance(spec, (list, tuple)) else spec["low"] <= value <= spec["high"]
+        if not inside:
+            return None
+    return values
+
+
+def trial_config(cfg: Config, values: dict[str, Any], number: int) -> Config:
+    """The trial's config: the suggested values, tune.epochs, its own output folder. Raises
+    SegMlopsError for combinations the model cannot be built with (checked before training)."""
+    trial_cfg = config_mod.override(cfg, {
+        **values, "train.epochs": cfg.tune.epochs,
+        "train.output_dir": str(cfg.output_dir / "trials" / f"trial-{number:04d}")})
+    check_args(**{f: getattr(trial_cfg.model, f) for f in trial_cfg.model.__dataclass_fields__})
+    return trial_cfg
+
+
+# ----------------------------------------------------------------------------- storage, study
+
+def storage_url(cfg: Config) -> str:
+    """cfg.tune.storage, or the journal file tracking/optuna.journal beside the MLflow store."""
+    return cfg.tune.storage or str(tracking.TRACKING_HOME.resolve() / "optuna.journal")
+
+
+def redact(url: str) -> str:
+    """A storage URL without its password, fit for params, tags and messages."""
+    if "://" not in url or "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    return f"{scheme}://{credentials.split(':', 1)[0]}@{host}"
+
+
+def make_storage(cfg: Config) -> optuna.storages.BaseStorage:
+    url = storage_url(cfg)
+    if "://" not in url:  # a journal file: several processes on one machine, no server needed
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
+    beat = cfg.tune.heartbeat_seconds
+    try:
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=beat, grace_period=2 * beat,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
+    except Exception as exc:  # sqlalchemy/driver errors: the user needs the URL (no password) and why
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SegMlopsError(f"cannot open Optuna storage {redact(url)} ({reason}); check tune.storage / "
+                            "--storage, and that the database server is running") from None
+
+
+def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
+    if cfg.tune.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=cfg.tune.warmup_epochs)
+    if cfg.tune.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=cfg.tune.epochs)
+    return optuna.pruners.NopPruner()
+
+
+def load_study(cfg: Config) -> optuna.Study:
+    """The dataset's study (created when missing): study name = experiment."""
+    sampler = (optuna.samplers.TPESampler(seed=cfg.seed) if cfg.tune.sampler == "tpe"
+               else optuna.samplers.RandomSampler(seed=cfg.seed))
+    direction = "minimize" if losses.monitor_mode(cfg.train.monitor) == "min" else "maximize"
+    try:
+        return optuna.create_study(study_name=cfg.experiment, storage=make_storage(cfg), sampler=sampler,
+                                   pruner=make_pruner(cfg), direction=direction, load_if_exists=True)
+    except ValueError as exc:  # e.g. the stored study has another direction
+        raise SegMlopsError(f"study '{cfg.experiment}' in {redact(storage_url(cfg))}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- objective
+
+class _RecordRun(keras.callbacks.Callback):
+    """Stores the trial's MLflow run id on the trial as soon as the run exists (pruned trials too)."""
+
+    def __init__(self, trial: optuna.Trial):
+        super().__init__()
+        self.trial = trial
+
+    def on_train_begin(self, logs=None):
+        self.trial.set_user_attr(RUN_ID_ATTR, mlflow.active_run().info.run_id)
+
+
+def objective(trial: optuna.Trial, cfg: Config, parent_run_id: str) -> float:
+    """Config overrides in, the tracked training unchanged, the best monitored value out."""
+    from optuna_integration import KerasPruningCallback
+
+    try:
+        trial_cfg = trial_config(cfg, suggest(trial, cfg.tune.space, cfg), trial.number)
+    except SegMlopsError as exc:  # e.g. a depth the image size cannot hold: never trained
+        trial.set_user_attr("invalid", str(exc))
+        raise optuna.TrialPruned(f"invalid combination: {exc}") from None
+    keras.backend.clear_session()  # trials share the process: free the previous graph
+    result, run_id = tracking.train(
+        trial_cfg, overwrite=True, run_name=f"trial-{trial.number}", parent_run_id=parent_run_id,
+        tags={registry.STUDY_TAG: cfg.experiment, registry.TRIAL_TAG: str(trial.number)},
+        extra_callbacks=[_RecordRun(trial), KerasPruningCallback(trial, cfg.train.monitor)],
+        killed_by=(KeyboardInterrupt, optuna.TrialPruned))
+    trial.set_user_attr(MODEL_URI_ATTR, mlflow.get_run(run_id).data.tags[tracking.MODEL_URI_TAG])
+    values = result.history[cfg.train.monitor]
+    return min(values) if losses.monitor_mode(cfg.train.monitor) == "min" else max(values)
+
+
+# ----------------------------------------------------------------------------- a study launch
+
+def finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def run_study(cfg: Config, *, n_trials: int | None = None, timeout: float | None = None) -> optuna.Study:
+    """One launch (one worker) of the dataset's study, inside a parent MLflow run.
+
+    Runs trials until the study holds `n_trials` finished trials in all (other workers' included)
+    or `timeout` seconds pass. The config's own values are the first trial of a new study.
+    """
+    n_trials = n_trials or cfg.tune.n_trials
+    timeout = timeout if timeout is not None else (cfg.tune.timeout or None)
+    study = load_study(cfg)
+    if not study.trials and (values := own_values(cfg)) is not None:
+        study.enqueue_trial(values, user_attrs={"seeded_from": "config"})
+    experiment_id = tracking.connect(cfg.experiment)
+    client = MlflowClient()
+    # Under `mlflow run . -e tune` the entry point's run is the parent; trials must not resume it.
+    parent_id = os.environ.pop("MLFLOW_RUN_ID", None) or client.create_run(
+        experiment_id, run_name=f"study-{cfg.experiment}").info.run_id
+    url = redact(storage_url(cfg))
+    client.set_tag(parent_id, registry.STUDY_TAG, cfg.experiment)
+    for key, value in {"study.name": cfg.experiment, "study.storage": url, "study.sampler": cfg.tune.sampler,
+                       "study.pruner": cfg.tune.pruner, "study.epochs_per_trial": cfg.tune.epochs,
+                       "study.n_trials": n_trials, "study.space": cfg.tune.space}.items():
+        client.log_param(parent_id, key, str(value))
+
+    def log_best(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        client.log_metric(parent_id, "finished_trials", finished(study), step=trial.number)
+        if any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+            client.log_metric(parent_id, "best_value", study.best_value, step=trial.number)
+
+    remaining = n_trials - finished(study)
+    status = "FINISHED"
+    try:
+        if remaining > 0:
+            study.optimize(
+                lambda trial: objective(trial, cfg, parent_id), n_trials=remaining, timeout=timeout,
+                gc_after_trial=True,
+                callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=FINISHED), log_best])
+        else:
+            print(f"study '{cfg.experiment}' already has {finished(study)} finished trials (n_trials={n_trials})")
+        log_plots(study, client, parent_id)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        client.set_terminated(parent_id, status)
+    return study
+
+
+def log_plots(study: optuna.Study, client: MlflowClient, run_id: str) -> None:
+    """Optuna's optimization history, parameter importances and intermediate values as HTML."""
+    from optuna import visualization as vis
+
+    plots = {"optimization_history": vis.plot_optimization_history,
+             "param_importances": vis.plot_param_importances,
+             "intermediate_values": vis.plot_intermediate_values}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, plot in plots.items():
+            try:
+                figure = plot(study)
+            except (ValueError, RuntimeError) as exc:  # e.g. importances need 2+ complete trials
+                print(f"note: no {name} plot yet ({exc})")
+                continue
+            path = Path(tmp) / f"{name}.html"
+            figure.write_html(str(path), include_plotlyjs=True)  # self-contained: offline UIs render it
+            client.log_artifact(run_id, str(path), artifact_path="optuna")
+
+
+def best_trial_run_id(cfg: Config) -> str:
+    """The MLflow run of the study's best trial (for registration)."""
+    study = load_study(cfg)
+    try:
+        best = study.best_trial
+    except ValueError:
+        raise SegMlopsError(f"study '{cfg.experiment}' has no complete trial yet: run seg-mlops tune first") from None
+    return best.user_attrs[RUN_ID_ATTR]
