@@ -4,35 +4,39 @@ it is tracked (per-epoch metrics and epoch-inference panels logged to MLflow) th
 One job: measure and print, side by side in one run, the wall time per epoch of the same UNet on
 the same synthetic data (a) with tracking off: seg_mlops.train.train plain, which already writes
 the checkpoint, the history CSV/PNG files and the epoch-inference panels to disk (training, not
-tracking); (b) tracked into a local sqlite store: seg_mlops.tracking.train, i.e. the same inside
-tracking.start_run with tracking.MLflowLogger as an extra callback (metrics, lr and epoch_seconds
-each epoch, plus the 6 epoch-inference panels through mlflow.log_image); (c) tracked into a real
-`mlflow server` on a free 127.0.0.1 port with proxied artifacts (what a team uses), which the
-script starts and stops itself. Target: tracked epochs at most 3 % slower. It asserts nothing.
+tracking); (b) tracked into a local sqlite store: the same inside seg_mlops.tracking.start_run
+with tracking.MLflowLogger as an extra callback (metrics, lr and epoch_seconds every epoch, plus
+the 6 epoch-inference panels through mlflow.log_image), then what tracking.train logs at the end
+(best metric, config, history files, the model; not its test-split evaluation, which is compute);
+(c) the same into a real `mlflow server` on a free 127.0.0.1 port with proxied artifacts and its
+default workers (what `seg-mlops ui` starts and a team uses), started and stopped by the script.
+Target: tracked epochs at most 3 % slower than untracked ones. It asserts nothing.
 
 Run from the repository root:
 
-    python bench/tracking_overhead.py              # full run, about 7 minutes on 2 CPU cores
-    python bench/tracking_overhead.py --quick      # smoke check, about a minute
-    python bench/tracking_overhead.py --no-server  # without variant (c)
+    python bench/tracking_overhead.py              # full run, about 7 minutes on 2 idle CPU cores
+    python bench/tracking_overhead.py --quick      # smoke check, about 1.5 minutes
+    python bench/tracking_overhead.py --no-server  # either, without variant (c)
 
-Everything (data, outputs, stores, server) lives in a temporary folder, removed at the end.
+Everything (data, outputs, stores, the server's store) lives in a temporary folder, removed at
+the end; MLFLOW_TRACKING_URI is set per tracked training.
 
-Method. A 128 px binary synthetic dataset (seg_mlops.synthetic, 96/24/8 pairs) and a UNet with
-base_filters 16, num_layers 5, batch 4, train.epoch_infer_count=6 in every variant, so the only
-difference is MLflow. Trainings alternate off, sqlite, server, server, sqlite, off ... so drift on
-a noisy machine hits every variant alike; each has a fresh output folder and starts after
-keras.backend.clear_session(), with the same seed. An epoch is timed by a callback placed LAST in
-the callback list: Keras calls callbacks in list order, so its on_epoch_end runs after every
-other one's (checkpoint, history writer, epoch inference, the MLflow logger). The epoch time is
-the interval from its on_epoch_end of epoch k-1 to its on_epoch_end of epoch k: that covers the
-whole loop, every callback's on_epoch_begin and on_epoch_end included, and leaves out the first
-epoch (graph tracing) by construction. Independently of machine noise, the MLflow logger's own
-on_epoch_end is timed (a subclass), split into mlflow.log_metrics and mlflow.log_image (wrapped
-while a tracked training runs). Once-per-run costs are printed apart: setup (call to
-on_train_begin: start_run, tags, params) and end of run (on_train_end to return: best metric,
-config, history files, log_model), against the same spans with tracking off. Test-split
-evaluation (tracking.train's evaluate_test) is off: it is compute, not tracking.
+Method. A 128 px binary synthetic dataset (seg_mlops.synthetic; 96/24/8 pairs, --quick 32/8/8)
+and a UNet with base_filters 16, num_layers 5, batch 4 and train.epoch_infer_count=6 in every
+variant, so the only difference is MLflow. Trainings alternate off, sqlite, server, then server,
+sqlite, off (2 rounds of 7 epochs; --quick: 1 round of 3), so drift on a noisy machine hits every
+variant alike; each has a fresh output folder, the same seed, and starts after
+keras.backend.clear_session(). An epoch is timed by a callback placed LAST in the callback list:
+Keras calls callbacks in list order, so its on_epoch_end runs after every other one's
+(checkpoint, history writer, epoch inference, the MLflow logger). The epoch time is the interval
+from its on_epoch_end of epoch k-1 to its on_epoch_end of epoch k: that covers the whole loop,
+every callback's on_epoch_begin and on_epoch_end included (a begin-to-end span of this last
+callback would leave out the others' on_epoch_begin), and leaves out the first epoch (graph
+tracing) by construction. The MLflow logger's own on_epoch_end is also timed directly (a
+subclass), split into mlflow.log_metrics and mlflow.log_image (wrapped while a tracked training
+runs): a per-epoch cost that machine noise barely affects. Once-per-run costs are printed apart:
+setup (the call to on_train_begin: start_run, tags, params) and end of run (on_train_end to the
+end of the run, log_model timed on its own).
 """
 
 from __future__ import annotations
@@ -78,30 +82,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(home: Path) -> tuple[subprocess.Popen | None, str, str]:
-    """`mlflow server` over a fresh sqlite store with proxied artifacts, as `seg-mlops ui` starts
-    it; returns (process or None, URI, note). Its output goes to home/server.log."""
+def launch_server(home: Path) -> tuple[subprocess.Popen, str]:
+    """Start `mlflow server` over a fresh sqlite store with proxied artifacts, as `seg-mlops ui`
+    does (default workers), in its own session; returns at once. Output: home/server.log."""
     home.mkdir(parents=True)
     port = free_port()
-    uri = f"http://127.0.0.1:{port}"
     cmd = [str(Path(sys.executable).with_name("mlflow")), "server",
            "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
            "--artifacts-destination", str(home / "artifacts"), "--host", "127.0.0.1", "--port", str(port)]
-    log = open(home / "server.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.perf_counter() + 120
+    with open(home / "server.log", "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_for_server(proc: subprocess.Popen, uri: str, log: Path, timeout: float = 180) -> str:
+    """"" when the server answers /health, else why not."""
+    deadline = time.perf_counter() + timeout
     while time.perf_counter() < deadline:
         if proc.poll() is not None:
-            tail = (home / "server.log").read_text(errors="replace")[-1500:]
-            return None, uri, f"mlflow server exited ({proc.returncode}):\n{tail}"
+            return f"mlflow server exited ({proc.returncode}):\n{log.read_text(errors='replace')[-1500:]}"
         try:
             with urllib.request.urlopen(uri + "/health", timeout=2) as reply:
                 if reply.status == 200:
-                    return proc, uri, ""
+                    return ""
         except OSError:
             time.sleep(0.5)
-    stop_server(proc)
-    return None, uri, "mlflow server did not answer /health within 120 s"
+    return f"mlflow server did not answer /health within {timeout:.0f} s"
 
 
 def stop_server(proc: subprocess.Popen | None) -> None:
@@ -122,7 +128,7 @@ def train_once(variant: str, cfg, uris: dict[str, str]) -> dict:
     import keras
     import mlflow
 
-    from seg_mlops import tracking
+    from seg_mlops import config, losses, tracking
     from seg_mlops import train as train_mod
 
     class EpochTimer(keras.callbacks.Callback):
@@ -148,9 +154,8 @@ def train_once(variant: str, cfg, uris: dict[str, str]) -> dict:
         def on_train_end(self, logs=None):
             self.train_end = time.perf_counter()
 
-    timer = EpochTimer()
-    spent = {"on_epoch_end": [], "log_metrics": [], "log_image": [], "log_model": []}
-    inside = [False]  # log_metrics/log_image count only when called from the logger's on_epoch_end
+    spent: dict[str, list[float]] = {"on_epoch_end": [], "log_metrics": [], "log_image": [], "log_model": [0.0]}
+    inside = [False]  # log_metrics / log_image count only when the logger's on_epoch_end calls them
 
     def timed(key, fn):
         def wrapper(*args, **kwargs):
@@ -158,13 +163,11 @@ def train_once(variant: str, cfg, uris: dict[str, str]) -> dict:
             try:
                 return fn(*args, **kwargs)
             finally:
-                if inside[0] or key == "log_model":
+                if inside[0]:
                     spent[key][-1] += time.perf_counter() - start
         return wrapper
 
-    original_logger = tracking.MLflowLogger
-
-    class TimedLogger(original_logger):
+    class TimedLogger(tracking.MLflowLogger):
         def on_epoch_end(self, epoch, logs=None):
             for key in ("on_epoch_end", "log_metrics", "log_image"):
                 spent[key].append(0.0)
@@ -175,6 +178,7 @@ def train_once(variant: str, cfg, uris: dict[str, str]) -> dict:
                 spent["on_epoch_end"][-1] = time.perf_counter() - start
                 inside[0] = False
 
+    timer = EpochTimer()
     keras.backend.clear_session()
     gc.collect()
     sink = io.StringIO()  # Keras' per-epoch lines and MLflow's "View run" line, alike in all variants
@@ -184,22 +188,26 @@ def train_once(variant: str, cfg, uris: dict[str, str]) -> dict:
             result = train_mod.train(cfg, extra_callbacks=[timer])
     else:
         os.environ["MLFLOW_TRACKING_URI"] = uris[variant]
-        patches = [(tracking, "MLflowLogger", TimedLogger),
-                   (tracking, "log_model", timed("log_model", tracking.log_model)),
-                   (mlflow, "log_metrics", timed("log_metrics", mlflow.log_metrics)),
-                   (mlflow, "log_image", timed("log_image", mlflow.log_image))]
-        saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
-        spent["log_model"].append(0.0)
+        saved = [(mlflow, "log_metrics", mlflow.log_metrics), (mlflow, "log_image", mlflow.log_image)]
         try:
-            for obj, name, value in patches:
-                setattr(obj, name, value)
-            with contextlib.redirect_stdout(sink):
-                result, _ = tracking.train(cfg, extra_callbacks=[timer], evaluate_test=False)
+            mlflow.log_metrics = timed("log_metrics", mlflow.log_metrics)
+            mlflow.log_image = timed("log_image", mlflow.log_image)
+            # What seg_mlops.tracking.train does, minus the test-split evaluation (compute, not tracking).
+            with contextlib.redirect_stdout(sink), tracking.start_run(cfg, tags=tracking.run_tags(cfg)):
+                tracking.log_params_once(config.flatten(cfg))
+                result = train_mod.train(cfg, extra_callbacks=[TimedLogger(), timer])
+                values = result.history[cfg.train.monitor]
+                best = (min if losses.monitor_mode(cfg.train.monitor) == "min" else max)(values)
+                mlflow.log_metric(f"best_{cfg.train.monitor}", best)
+                mlflow.log_text(config.to_yaml(cfg), "config.yaml")
+                tracking.log_artifacts(result.output_dir, ["train_losses.csv", "train_losses.png",
+                                                           "train_metrics.csv", "train_metrics.png"])
+                model_start = time.perf_counter()
+                tracking.log_model(result.model)
+                spent["log_model"][0] = time.perf_counter() - model_start
         finally:
             for obj, name, value in saved:
                 setattr(obj, name, value)
-        if not spent["on_epoch_end"]:
-            sys.exit("tracking.train did not use tracking.MLflowLogger: this benchmark needs updating")
     end = time.perf_counter()
     del result
     return {"intervals": timer.intervals, "cpu": timer.cpu, "setup": timer.train_begin - start,
@@ -245,9 +253,9 @@ def report(runs: dict[str, list[dict]], epochs: int) -> None:
         model = f"{statistics.median(r['logger']['log_model'][0] for r in runs[v]):>10.2f}s" if v != "off" else "-"
         print(f"  {LABELS[v]:<32}{statistics.median(setup):>7.2f}s{statistics.median(tear):>11.2f}s{model:>11}"
               f"   [setup {_fmt(setup)}; end {_fmt(tear)}]")
-    print("  setup = train call to on_train_begin (tracked adds start_run, tags incl. dataset fingerprint,"
-          "\n  params); end of run = on_train_end to return (tracked adds best metric, config.yaml, history"
-          "\n  files, log_model; both reload the best checkpoint)")
+    print("  setup = from the call to on_train_begin (tracked: plus start_run, tags with the dataset"
+          "\n  fingerprint, params); end of run = from on_train_end to the end (tracked: best metric,"
+          "\n  config.yaml, history files, log_model, end_run)")
 
 
 # ----------------------------------------------------------------------------- main
@@ -259,62 +267,70 @@ def main() -> None:
     parser.add_argument("--no-server", action="store_true", help="skip the mlflow server variant")
     args = parser.parse_args()
     quick = args.quick
-    # Full: 2 rounds (off sqlite server server sqlite off), 7 epochs each = 12 timed epochs per variant.
+    # Full: 2 rounds (off sqlite server, server sqlite off), 7 epochs each: 12 timed epochs per variant.
     counts, epochs, rounds = ((32, 8, 8), 3, 1) if quick else (COUNTS, 7, 2)
     started = time.perf_counter()
 
+    def progress(message: str) -> None:
+        print(f"[{time.perf_counter() - started:.0f}s: {message}]", file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="seg_mlops_tracking_bench_") as tmp_name:
+        tmp = Path(tmp_name)
+        server = None
+        try:
+            if not args.no_server:  # it starts (tens of seconds) while this process imports and prepares
+                progress("starting mlflow server")
+                server, server_uri = launch_server(tmp / "server")
+            run_all(args, tmp, counts, epochs, rounds, server, server_uri if server else "", progress)
+        finally:
+            stop_server(server)
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+    print(f"\ntotal {time.perf_counter() - started:.0f}s; load average at the end "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} on {len(os.sched_getaffinity(0))} cores "
+          f"(above the core count: something else was competing for the CPU)")
+
+
+def run_all(args, tmp: Path, counts, epochs: int, rounds: int, server, server_uri: str, progress) -> None:
     import keras
     import mlflow
     import tensorflow as tf
 
     from seg_mlops import config, synthetic, tracking
 
-    print(f"bench/tracking_overhead.py{' --quick' if quick else ''}: {platform.node()}, "
+    print(f"bench/tracking_overhead.py{' --quick' if args.quick else ''}: {platform.node()}, "
           f"{len(os.sched_getaffinity(0))} CPU cores usable, Python {platform.python_version()}, "
           f"TensorFlow {tf.__version__}, Keras {keras.__version__}, MLflow {mlflow.__version__}")
-
-    with tempfile.TemporaryDirectory(prefix="seg_mlops_tracking_bench_") as tmp_name:
-        tmp = Path(tmp_name)
-        root = synthetic.make_dataset(tmp / "data", size=SIZE, counts=counts, seed=0)
-        uris = {"sqlite": f"sqlite:///{tmp / 'store' / 'mlflow.db'}"}
-        server = None
-        if not args.no_server:
-            print(f"[{time.perf_counter() - started:.0f}s: starting mlflow server ...]", file=sys.stderr, flush=True)
-            server, uri, note = start_server(tmp / "server")
-            if server is None:
-                print(f"note: no server variant: {note}")
-            else:
-                uris["server"] = uri
-        try:
-            for variant, uri in uris.items():  # store creation / migrations: once, not timed
-                os.environ["MLFLOW_TRACKING_URI"] = uri
-                tracking.connect(EXPERIMENT)
-            variants = ["off", *uris]
-            print(f"\nUNet 128 px, base_filters 16, num_layers 5, batch 4; synthetic binary data "
-                  f"{counts[0]}/{counts[1]}/{counts[2]} pairs; {epochs} epochs per training; "
-                  f"epoch_infer_count 6 everywhere; variants: {', '.join(variants)}", flush=True)
-            runs: dict[str, list[dict]] = {v: [] for v in variants}
-            count = 0
-            for r in range(rounds):
-                for variant in (variants if r % 2 == 0 else variants[::-1]):
-                    count += 1
-                    cfg = config.load(None, [
-                        f"experiment={EXPERIMENT}", f"data.root={root}",
-                        f"model.image_height={SIZE}", f"model.image_width={SIZE}",
-                        "model.base_filters=16", "model.num_layers=5", "train.batch_size=4",
-                        f"train.epochs={epochs}", "train.epoch_infer_count=6",
-                        f"train.output_dir={tmp / 'out' / f'{count:02d}_{variant}'}"])
-                    print(f"[{time.perf_counter() - started:.0f}s: training {count}/{rounds * len(variants)}, "
-                          f"{variant} ...]", file=sys.stderr, flush=True)
-                    runs[variant].append(train_once(variant, cfg, uris))
-        finally:
-            stop_server(server)
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        report(runs, epochs)
-
-    print(f"\ntotal {time.perf_counter() - started:.0f}s; load average at the end "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} on {len(os.sched_getaffinity(0))} cores "
-          f"(above the core count: something else was competing for the CPU)")
+    root = synthetic.make_dataset(tmp / "data", size=SIZE, counts=counts, seed=0)
+    uris = {"sqlite": f"sqlite:///{tmp / 'store' / 'mlflow.db'}"}
+    if server is not None:
+        progress("waiting for the mlflow server")
+        note = wait_for_server(server, server_uri, tmp / "server" / "server.log")
+        if note:
+            print(f"note: no server variant: {note}")
+        else:
+            uris["server"] = server_uri
+    for uri in uris.values():  # store creation / migrations: once, not timed
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        tracking.connect(EXPERIMENT)
+    variants = ["off", *uris]
+    print(f"\nUNet {SIZE} px, base_filters 16, num_layers 5, batch 4; synthetic binary data "
+          f"{counts[0]}/{counts[1]}/{counts[2]} pairs; {epochs} epochs per training; "
+          f"epoch_infer_count 6 everywhere; variants: {', '.join(variants)}", flush=True)
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    count = 0
+    for r in range(rounds):
+        for variant in (variants if r % 2 == 0 else variants[::-1]):
+            count += 1
+            cfg = config.load(None, [
+                f"experiment={EXPERIMENT}", f"data.root={root}",
+                f"model.image_height={SIZE}", f"model.image_width={SIZE}",
+                "model.base_filters=16", "model.num_layers=5", "train.batch_size=4",
+                f"train.epochs={epochs}", "train.epoch_infer_count=6",
+                f"train.output_dir={tmp / 'out' / f'{count:02d}_{variant}'}"])
+            progress(f"training {count}/{rounds * len(variants)}, {variant}")
+            runs[variant].append(train_once(variant, cfg, uris))
+    report(runs, epochs)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def test_listens_on_loopback_only(postgres_url):
     try:
         with engine.connect() as conn:
             assert conn.execute(sa.text("SHOW listen_addresses")).scalar() == "127.0.0.1"
-            assert conn.execute(sa.text("SELECT inet_server_addr()")).scalar() == "127.0.0.1"
+            assert str(conn.execute(sa.text("SELECT inet_server_addr()")).scalar()) == "127.0.0.1"
             # the URL's role is not a superuser (trust auth: keep it harmless)
             assert conn.execute(sa.text("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
                                 ).scalar() is False

@@ -7,7 +7,7 @@ import mlflow
 import optuna
 import pytest
 
-from seg_mlops import config, tuning
+from seg_mlops import config, tracking, tuning
 from seg_mlops.errors import SegMlopsError
 
 
@@ -107,3 +107,97 @@ def test_first_trial_is_the_config_itself(tiny_cfg, tmp_path):
     assert trial.params == {"model.base_filters": 4, "train.learning_rate": 0.01}
     assert trial.user_attrs["seeded_from"] == "config"
     assert trial.user_attrs[tuning.MODEL_URI_ATTR].startswith("models:/")
+
+
+# ----------------------------------------------------------------------------- many workers, PostgreSQL
+
+def _worker_yaml(tmp_path, binary_root, name: str, **tune) -> "Path":
+    import yaml
+
+    from tests.conftest import TINY
+
+    flat = config.parse_overrides(TINY + [f"data.root={binary_root}", f"train.output_dir={tmp_path / name}",
+                                          "train.patience=0", "train.epoch_infer_count=1"])
+    nested: dict = {"experiment": name,
+                    "tune": {"epochs": 2, "pruner": "none",
+                             "space": {"train.learning_rate": {"low": 0.001, "high": 0.05, "log": True}},
+                             **tune}}
+    for key, value in flat.items():
+        section, key_name = key.split(".")
+        nested.setdefault(section, {})[key_name] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(nested))
+    return path
+
+
+def _worker(path, storage: str, n_trials: int, mlflow_uri: str):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.Popen([sys.executable, "-m", "seg_mlops.cli", "tune", "--config", str(path),
+                             "--storage", storage, "--n-trials", str(n_trials)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_workers_share_one_study(postgres_url, binary_root, tmp_path, tracking_store):
+    path = _worker_yaml(tmp_path, binary_root, "two-workers")
+    tracking.connect("two-workers")  # a fresh sqlite store is migrated once, not by two racing workers
+    workers = [_worker(path, postgres_url, 4, tracking_store) for _ in range(2)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+
+    study = optuna.load_study(study_name="two-workers", storage=postgres_url)
+    trials = study.get_trials()
+    # Each worker stops once the study holds 4 finished trials; one in flight may finish too.
+    assert 4 <= len(trials) <= 5
+    assert [t.number for t in trials] == list(range(len(trials)))  # none lost
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    run_ids = [t.user_attrs[tuning.RUN_ID_ATTR] for t in trials]
+    assert len(set(run_ids)) == len(trials)  # no trial trained twice
+    mlflow.set_tracking_uri(tracking_store)
+    children = [r for r in mlflow.search_runs(experiment_names=["two-workers"], output_format="list")
+                if "mlflow.parentRunId" in r.data.tags]
+    assert sorted(r.info.run_id for r in children) == sorted(run_ids)  # one run per trial, none duplicated
+    assert len({r.data.tags["mlflow.parentRunId"] for r in children}) == 2  # one parent per worker
+
+
+def test_killed_worker_trial_is_retried(postgres_url, binary_root, tmp_path, tracking_store):
+    import signal
+    import time
+
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    path = _worker_yaml(tmp_path, binary_root, "killed-worker", heartbeat_seconds=1, epochs=30)
+    tracking.connect("killed-worker")
+    doomed = _worker(path, postgres_url, 2, tracking_store)
+    deadline = time.time() + 300
+    running = []
+    while time.time() < deadline and not running:  # wait until a trial is really training
+        time.sleep(1)
+        try:
+            study = optuna.load_study(study_name="killed-worker", storage=postgres_url)
+        except KeyError:
+            continue
+        running = [t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+                   if tuning.RUN_ID_ATTR in t.user_attrs]
+    assert running, "the first worker never started training"
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait()
+    time.sleep(3)  # past the grace period (2 heartbeats) without a heartbeat
+
+    # A second worker finds the stale trial, fails it, and runs its retry (shorter epochs: the
+    # retried trial keeps its params; tune.epochs is the worker's own setting).
+    survivor_yaml = _worker_yaml(tmp_path, binary_root, "killed-worker", heartbeat_seconds=1, epochs=2)
+    survivor = _worker(survivor_yaml, postgres_url, 2, tracking_store)
+    output = survivor.communicate(timeout=600)[0]
+    assert survivor.returncode == 0, output[-3000:]
+
+    trials = optuna.load_study(study_name="killed-worker", storage=postgres_url).get_trials()
+    killed = running[0].number
+    assert trials[killed].state == optuna.trial.TrialState.FAIL
+    retries = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == killed]
+    assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
+    assert retries[0].params == trials[killed].params
+    assert len([t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]) == 2

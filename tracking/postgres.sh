@@ -6,9 +6,8 @@
 #       Install PostgreSQL when initdb/pg_ctl are missing (Debian: apt-get install postgresql; as
 #       root, or with passwordless sudo), create a cluster for DIR, start it on 127.0.0.1:PORT
 #       (default: a free port) and print its URL as the last (only) line on stdout:
-#           postgresql+psycopg2://optuna@127.0.0.1:PORT/optuna
-#       (the driver is named because SQLAlchemy 2.1's default for plain postgresql:// is psycopg 3,
-#       while the `postgres` extra installs psycopg2-binary)
+#           postgresql://optuna@127.0.0.1:PORT/optuna
+#       (SQLAlchemy 2.1 reads plain postgresql:// with psycopg 3: the `postgres` extra installs it)
 #       Everything else goes to stderr. If DIR's cluster is already running, just print its URL;
 #       if it is stopped, start it again (same data, same port unless PORT is given).
 #   tracking/postgres.sh stop DIR      stop DIR's server (pg_ctl stop -m fast); no-op if not running
@@ -111,7 +110,7 @@ running() { pg pg_ctl -D "$1" status >/dev/null 2>&1; }
 
 port_of_running() { sed -n 4p "$1/postmaster.pid"; }
 
-url_for() { echo "postgresql+psycopg2://$ROLE@127.0.0.1:$1/$DB"; }
+url_for() { echo "postgresql://$ROLE@127.0.0.1:$1/$DB"; }
 
 free_port() {
   local p
