@@ -201,3 +201,27 @@ def test_killed_worker_trial_is_retried(postgres_url, binary_root, tmp_path, tra
     assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
     assert retries[0].params == trials[killed].params
     assert len([t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]) == 2
+
+
+def test_dashboard_shows_the_study(tiny_cfg, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tests.test_mlflow import free_port, serve, venv_env
+
+    journal = tmp_path / "dash.journal"
+    cfg = tiny_cfg("experiment=on-the-dashboard", f"tune.storage={journal}")
+    study = tuning.load_study(cfg)
+    study.enqueue_trial({"model.base_filters": 4})
+    port = free_port()
+    path = tmp_path / "dash.yaml"
+    path.write_text(f"experiment: on-the-dashboard\ntune:\n  storage: {journal}\n")
+    args = [sys.executable, "-m", "seg_mlops.cli", "dashboard", "--config", str(path), "--port", str(port)]
+    with serve(args, f"http://127.0.0.1:{port}/api/studies", venv_env()):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=30) as response:
+            studies = json.loads(response.read())["study_summaries"]
+    assert [s["study_name"] for s in studies] == ["on-the-dashboard"]
+    assert os.path.exists(journal)
