@@ -234,7 +234,10 @@ def report(runs: dict[str, list[dict]], epochs: int) -> None:
         print(f"  overhead {v:<7} {_pct(med[v], med['off'])} (medians), {_pct(best[v], best['off'])} (bests), "
               f"{100 * statistics.median(pairs):+.1f} % (median of per-round pairs: "
               f"{' '.join(f'{100 * p:+.1f}' for p in pairs)})   [target <= +3 %]")
-    print("  (CPU s: this process's CPU time per epoch, all threads; the server's own CPU is not in it)")
+    cpu_med = {v: statistics.median(cpu_s[v]) for v in variants}
+    print("  CPU s: this process's CPU time per epoch, all threads (others' load affects it less than wall"
+          "\n  time); overhead in CPU time: " + ", ".join(f"{v} {_pct(cpu_med[v], cpu_med['off'])}" for v in variants[1:])
+          + " (the server's own CPU is not in it)")
 
     print("\nInside MLflowLogger.on_epoch_end, per epoch (timed directly, epochs 2+; noise-independent)")
     print(f"  {'variant':<32}{'total':>9}{'metrics':>9}{'6 images':>10}{'% of off epoch':>16}   first epoch")

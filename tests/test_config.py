@@ -291,7 +291,9 @@ def test_flatten_keys_and_values():
     expected_keys = {"experiment", "seed"} | {
         f"{section}.{f.name}" for section, cls in config.SECTIONS.items() for f in dataclasses.fields(cls)}
     assert set(flat) == expected_keys
-    assert not any(isinstance(v, (dict, DataConfig, ModelConfig)) for v in flat.values())
+    # Every value is a scalar or a tuple, except the search space (a mapping by nature).
+    assert not any(isinstance(v, (dict, DataConfig, ModelConfig)) for k, v in flat.items() if k != "tune.space")
+    assert flat["tune.space"] == config.DEFAULT_SPACE
 
 
 def test_flatten_then_override_is_identity():
