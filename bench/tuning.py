@@ -10,8 +10,8 @@ trials, the best val_dice_coef each study reached (and when), and every trial. I
 
 Run from the repository root:
 
-    python bench/tuning.py            # full run: 2 x 12 trials x 6 epochs, about 8 minutes on 2 cores
-    python bench/tuning.py --quick    # smoke check: 2 x 4 trials x 3 epochs, about 2 minutes
+    python bench/tuning.py            # full run: 2 x 12 trials x 6 epochs, 8-15 minutes on 2 cores
+    python bench/tuning.py --quick    # smoke check: 2 x 4 trials x 3 epochs, about 2.5 minutes
     python bench/tuning.py --trial-log trials.log   # either, keeping the trainings' Keras output
 
 Everything (data, outputs, the MLflow sqlite store, the two Optuna journal files) lives in a
@@ -189,7 +189,7 @@ def _reached(x: dict, r: dict) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small smoke run (about 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="small smoke run (about 2.5 minutes)")
     parser.add_argument("--trial-log", type=Path, default=None,
                         help="file for the trainings' stdout (default: inside the temporary folder, removed)")
     args = parser.parse_args()

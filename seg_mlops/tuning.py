@@ -16,6 +16,7 @@ from typing import Any
 
 import keras
 import mlflow
+import numpy as np
 import optuna
 from mlflow import MlflowClient
 from optuna.trial import TrialState
@@ -115,14 +116,18 @@ def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
 
 def load_study(cfg: Config) -> optuna.Study:
     """The dataset's study (created when missing): study name = experiment."""
-    sampler = (optuna.samplers.TPESampler(seed=cfg.seed) if cfg.tune.sampler == "tpe"
-               else optuna.samplers.RandomSampler(seed=cfg.seed))
     direction = "minimize" if losses.monitor_mode(cfg.train.monitor) == "min" else "maximize"
     try:
-        return optuna.create_study(study_name=cfg.experiment, storage=make_storage(cfg), sampler=sampler,
-                                   pruner=make_pruner(cfg), direction=direction, load_if_exists=True)
+        study = optuna.create_study(study_name=cfg.experiment, storage=make_storage(cfg),
+                                    pruner=make_pruner(cfg), direction=direction, load_if_exists=True)
     except ValueError as exc:  # e.g. the stored study has another direction
         raise SegMlopsError(f"study '{cfg.experiment}' in {redact(storage_url(cfg))}: {exc}") from None
+    # Seeded from the config's seed, the trials already there and this process: a relaunch or a
+    # second worker seeded with cfg.seed alone would replay the same startup trials.
+    seed = int(np.random.SeedSequence([cfg.seed, len(study.trials), os.getpid()]).generate_state(1)[0])
+    study.sampler = (optuna.samplers.TPESampler(seed=seed) if cfg.tune.sampler == "tpe"
+                     else optuna.samplers.RandomSampler(seed=seed))
+    return study
 
 
 # ----------------------------------------------------------------------------- objective

@@ -225,3 +225,15 @@ def test_dashboard_shows_the_study(tiny_cfg, tmp_path):
             studies = json.loads(response.read())["study_summaries"]
     assert [s["study_name"] for s in studies] == ["on-the-dashboard"]
     assert os.path.exists(journal)
+
+
+def test_relaunch_does_not_replay_the_same_trials(tmp_path, tiny_cfg):
+    # The sampler of a resumed study must not draw the startup trials it drew before.
+    cfg = tiny_cfg("experiment=replay", f"tune.storage={tmp_path / 'r.journal'}", "tune.sampler=random",
+                   "tune.space={train.learning_rate: {low: 0.001, high: 0.1, log: true}}")
+    first = tuning.load_study(cfg)
+    first.optimize(lambda t: t.suggest_float("train.learning_rate", 0.001, 0.1, log=True), n_trials=3)
+    again = tuning.load_study(cfg)
+    again.optimize(lambda t: t.suggest_float("train.learning_rate", 0.001, 0.1, log=True), n_trials=3)
+    values = [t.params["train.learning_rate"] for t in again.get_trials()]
+    assert len(values) == 6 and len(set(values)) == 6
