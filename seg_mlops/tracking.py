@@ -150,10 +150,11 @@ class MLflowLogger(PanelConsumer):
         metrics["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         metrics["epoch_seconds"] = time.perf_counter() - self._start
         metrics.pop("learning_rate", None)  # logged as lr: one name per concept
-        mlflow.log_metrics(metrics, step=epoch)
+        # Asynchronous: the writes/uploads overlap the next epoch (end_run flushes them).
+        mlflow.log_metrics(metrics, step=epoch, synchronous=False)
         if self.source is not None:
             for stem, panel in self.source.panels.items():
-                mlflow.log_image(panel, key=f"epoch_infer/{stem}", step=epoch)
+                mlflow.log_image(panel, key=f"epoch_infer/{stem}", step=epoch, synchronous=False)
 
 
 # ----------------------------------------------------------------------------- the model
