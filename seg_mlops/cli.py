@@ -31,7 +31,8 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="SECTION.
 sets_option = click.option("--sets", default="", metavar="'K=V K=V'",
                            help="Several overrides in one shell-quoted string (MLproject's -P set=...).")
 model_option = click.option("--model", "model_path", type=click.Path(), required=True,
-                            help="A saved model (best_model.keras written by train).")
+                            help="best_model.keras written by train, or an MLflow URI "
+                                 "(models:/seg-<experiment>@champion, runs:/<id>/model).")
 
 
 def _load(config_path: str, overrides: tuple[str, ...], sets: str = ""):
@@ -39,7 +40,11 @@ def _load(config_path: str, overrides: tuple[str, ...], sets: str = ""):
 
     from seg_mlops import config
 
-    return config.load(config_path, [*overrides, *shlex.split(sets)])
+    try:
+        extra = shlex.split(sets)
+    except ValueError as exc:  # e.g. an unclosed quote
+        raise SegMlopsError(f"--sets {sets!r}: {exc}") from None
+    return config.load(config_path, [*overrides, *extra])
 
 
 @click.group(cls=_Group)

@@ -3,6 +3,8 @@ pruning, nested runs with mirrored states, plots on the parent run, resumption."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import optuna
 import pytest
@@ -111,7 +113,7 @@ def test_first_trial_is_the_config_itself(tiny_cfg, tmp_path):
 
 # ----------------------------------------------------------------------------- many workers, PostgreSQL
 
-def _worker_yaml(tmp_path, binary_root, name: str, **tune) -> "Path":
+def _worker_yaml(tmp_path, binary_root, name: str, **tune) -> Path:
     import yaml
 
     from tests.conftest import TINY
@@ -206,7 +208,6 @@ def test_killed_worker_trial_is_retried(postgres_url, binary_root, tmp_path, tra
 def test_dashboard_shows_the_study(tiny_cfg, tmp_path):
     import json
     import os
-    import subprocess
     import sys
     import urllib.request
 
