@@ -15,6 +15,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 # The main job through MLflow Projects: synthetic data -> tracked training -> registry champion
 # -> masks. The experiment is made first so its artifacts live beside the store in tracking/.
+# `mlflow run` alone would use ./mlflow.db: point it (and the UI, serving) at the project's store.
+demo: export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/tracking/mlflow.db
 demo: install
 	$(BIN)/python -c "from seg_mlops import tracking; tracking.connect('demo')"
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow run . --env-manager local --experiment-name demo
