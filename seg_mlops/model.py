@@ -170,17 +170,7 @@ def build_unet(
     Raises:
         SegMlopsError: If any argument is out of range, naming the ``model.*`` key.
     """
-    check_args(
-        image_height=image_height,
-        image_width=image_width,
-        num_classes=num_classes,
-        base_filters=base_filters,
-        num_layers=num_layers,
-        base_kernels=base_kernels,
-        dilation=dilation,
-        dropout_rate=dropout_rate,
-        activation=activation,
-    )
+    check_args(**locals())  # the same keyword arguments, checked before any layer is made
     kernels = kernel_sizes(base_kernels, num_layers)
     rates = dilations(dilation, num_layers)
     block = dict(batch_norm=batch_norm, activation=activation)

@@ -9,6 +9,7 @@ that dies has its trial retried by another (heartbeats).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -70,7 +71,7 @@ def trial_config(cfg: Config, values: dict[str, Any], number: int) -> Config:
     trial_cfg = config_mod.override(cfg, {
         **values, "train.epochs": cfg.tune.epochs,
         "train.output_dir": str(cfg.output_dir / "trials" / f"trial-{number:04d}")})
-    check_args(**{f: getattr(trial_cfg.model, f) for f in trial_cfg.model.__dataclass_fields__})
+    check_args(**dataclasses.asdict(trial_cfg.model))
     return trial_cfg
 
 
