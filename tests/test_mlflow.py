@@ -176,7 +176,7 @@ def test_register_and_serve_champion(tiny_cfg):
     args = [MLFLOW, "models", "serve", "-m", "models:/seg-served@champion", "--env-manager", "local",
             "-h", "127.0.0.1", "-p", str(port)]
     with serve(args, f"http://127.0.0.1:{port}/ping", env):
-        batch = np.full((1, 32, 32, 3), 200, np.float32).tolist()
+        batch = np.full((1, 32, 32, 3), 200, np.uint8).tolist()  # JSON ints, as raw pixels are
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
                                          data=json.dumps({"inputs": batch}).encode(),
                                          headers={"Content-Type": "application/json"})
