@@ -88,7 +88,7 @@ def throughput(root: Path, base_filters: int, *, max_images: int | None, rounds:
     # (a) the real streamed pipeline; (b) the same pairs decoded once, then held as tensors.
     disk = data.make_dataset(pairs, cfg, batch_size=BATCH, shuffle=True)
     # (c) the same pipeline with data.cache: decoded once (first epoch), then from memory.
-    cached = data.make_dataset(pairs, config.override(cfg, {"data.cache": True}), batch_size=BATCH, shuffle=True)
+    cached = data.make_dataset(pairs, config.override(cfg, {"data.cache": "memory"}), batch_size=BATCH, shuffle=True)
     decoded = [data.load_pair(p, cfg) for p in pairs]
     images = np.stack([image for image, _ in decoded]).astype(np.float32)
     targets = np.stack([labels for _, labels in decoded]).astype(np.float32)[..., None]
@@ -148,7 +148,7 @@ def print_throughput(result: dict) -> None:
           f"{result['images']} images/epoch, {len(rates['disk'])} timed epochs per variant")
     print(f"  {'variant':<34}{'median':>8}{'best':>8}{'CPU ms/img':>12}   every epoch (images/s)")
     labels = {"disk": "train from disk (make_dataset)", "memory": "train from memory (tensors)",
-              "cached": "train from disk, data.cache=true", "pipeline": "disk pipeline alone, no model"}
+              "cached": "train from disk, data.cache=memory", "pipeline": "disk pipeline alone, no model"}
     for key, label in labels.items():
         print(f"  {label:<34}{med[key]:>8.1f}{best[key]:>8.1f}{cpu_med[key]:>12.1f}   {_fmt(rates[key])}")
     print(f"  ratio disk/memory: {med['disk'] / med['memory']:.2f} (medians), "

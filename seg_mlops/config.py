@@ -56,9 +56,10 @@ class DataConfig:
     color_tolerance: float = _key(60.0, lo=0, hi=442)
     # Images are resized with this; masks always with nearest, so labels stay labels.
     image_interpolation: str = _key("area", choices=("area", "linear", "cubic", "nearest"))
-    # Keep decoded, resized pairs in memory after the first epoch (N*H*W*4 bytes; e.g. 1000
-    # images at 256 px = 262 MB): later epochs skip file decoding. Off: stream from disk.
-    cache: bool = _key(False)
+    # Keep the decoded, resized pairs of the first epoch so later epochs skip file decoding:
+    # "memory" (N*H*W*4 bytes; 1000 images at 256 px = 262 MB), "file" (a tf.data cache under the
+    # output folder, for splits larger than memory), or "off" (stream from disk every epoch).
+    cache: str = _key("off", choices=("off", "memory", "file"))
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,13 @@ class TrainConfig:
     epoch_infer_count: int = _key(6, lo=0)  # 0 disables
     epoch_infer_images: str = _key("", path=True)  # "" means the valid split
     epoch_infer_masks: str = _key("", path=True)
+    # Scale (TensorFlow's own engines): tf.distribute strategy, Keras mixed-precision policy (the
+    # output layer and the loss stay float32), XLA ("auto": Keras decides, i.e. on for GPUs), and
+    # batches per compiled step. batch_size is per replica: global batch = batch_size x replicas.
+    distribute: str = _key("none", choices=("none", "mirrored", "multi_worker"))
+    mixed_precision: str = _key("float32", choices=("float32", "mixed_float16", "mixed_bfloat16"))
+    jit_compile: str = _key("auto", choices=("auto", "on", "off"))
+    steps_per_execution: int = _key(1, lo=1)
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,69 @@ class InferConfig:
     colorize: bool = _key(False)  # also write colour masks to <output>/colorized
     overlay: bool = _key(False)  # also write image+mask blends to <output>/overlay
     overlay_alpha: float = _key(0.4, lo=0, hi=1)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Online augmentation of the training split, inside the tf.data pipeline.
+
+    Each op has a probability (0 disables it) and is drawn independently per sample. Geometric ops
+    warp image and mask with the same field (the mask by nearest neighbour, so labels stay labels);
+    sharpening and brightening change the image only. Parameters are in pixels of the model's input
+    size, named after the reference's [augmentor], [deformation], [distortion], [barrdistortion],
+    [pincdistortion], [sharpening] and [brightening] keys. Validation data is never augmented.
+    """
+
+    hflip: float = _key(0.0, lo=0, hi=1)
+    vflip: float = _key(0.0, lo=0, hi=1)
+    rotation: float = _key(0.0, lo=0, hi=1)
+    angles: tuple[float, ...] = _key((90.0, 180.0, 270.0))  # one drawn per rotated sample (degrees)
+    shrink: float = _key(0.0, lo=0, hi=1)
+    shrinks: tuple[float, ...] = _key((0.8,))  # one scale drawn; the shrunk pair is centred
+    shear: float = _key(0.0, lo=0, hi=1)
+    shears: tuple[float, ...] = _key((0.1,))  # one shear factor drawn
+    deformation: float = _key(0.0, lo=0, hi=1)  # elastic (Simard): smoothed random field
+    deformation_alpha: float = _key(1300.0, lo=0)  # field strength (reference [deformation] alpah)
+    deformation_sigmas: tuple[float, ...] = _key((8.0,))  # smoothing sigma, one drawn (sigmoids)
+    distortion: float = _key(0.0, lo=0, hi=1)  # smooth random displacement (reference [distortion])
+    distortions: tuple[float, ...] = _key((0.02,))  # max displacement as a fraction of the width
+    distortion_sigma: float = _key(40.0, lo=0)  # smoothing sigma (gaussian_filter_rsigma)
+    grid: float = _key(0.0, lo=0, hi=1)  # grid distortion: cells stretched by random steps
+    grid_steps: int = _key(5, lo=1)  # cells per side
+    grid_limit: float = _key(0.3, lo=0, hi=0.9)  # max relative stretch of a cell
+    barrel: float = _key(0.0, lo=0, hi=1)
+    barrel_radius: float = _key(0.5, lo=0)  # fraction of the width
+    barrel_amount: float = _key(0.5)
+    barrel_centers: tuple[tuple[float, ...], ...] = _key(((0.5, 0.5),))  # (x, y) fractions, one drawn
+    pincushion: float = _key(0.0, lo=0, hi=1)
+    pincushion_radius: float = _key(0.5, lo=0)
+    pincushion_amount: float = _key(-0.5)
+    pincushion_centers: tuple[tuple[float, ...], ...] = _key(((0.5, 0.5),))
+    sharpening: float = _key(0.0, lo=0, hi=1)  # image only
+    sharpening_k: float = _key(1.0, lo=0)  # 3x3 kernel: -k around, 1+8k centre
+    brightening: float = _key(0.0, lo=0, hi=1)  # image only: pixel*alpha + beta
+    brightening_alpha: float = _key(1.2, lo=0)
+    brightening_beta: float = _key(10.0)
+
+
+@dataclass(frozen=True)
+class TiledInferConfig:
+    """Inference on images larger than the model: tiles predicted in batches and stitched back.
+
+    `mode`: "average" blends overlapping tiles with a smooth window (the default), "context" uses
+    the overlap as context and pastes each tile's centre (the reference's way), "bitwise_blending"
+    intersects the tiled binary mask with the whole-image prediction (the reference's option).
+    """
+
+    tile_size: int = _key(0, lo=0)  # px of the original image per tile; 0 = the model's input size
+    overlap: int = _key(64, lo=0)  # px each tile reaches into its neighbours
+    mode: str = _key("average", choices=("average", "context", "bitwise_blending"))
+    batch_size: int = _key(8, lo=1)  # tiles per forward pass
+    # Tiled epoch inference (the reference's epoch_change_tiledinfer): the first N large images of
+    # epoch_infer_images, panels logged as epoch_tiled_infer/<stem>. 0 disables.
+    epoch_infer_count: int = _key(0, lo=0)
+    epoch_infer_images: str = _key("", path=True)
+    epoch_infer_masks: str = _key("", path=True)
 
 
 # The default search space: categorical lists, or {low, high[, step][, log]} ranges whose type
@@ -147,7 +218,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    tiled_infer: TiledInferConfig = field(default_factory=TiledInferConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
 
     @property
@@ -169,7 +242,8 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
-                             "infer": InferConfig, "tune": TuneConfig}
+                             "augment": AugmentConfig, "infer": InferConfig,
+                             "tiled_infer": TiledInferConfig, "tune": TuneConfig}
 
 
 # ----------------------------------------------------------------------------- conversion

@@ -206,8 +206,9 @@ def make_dataset(pairs: Sequence[Pair], cfg: Config, *, batch_size: int, shuffle
 
     Streamed (default): file names are shuffled (seeded, reshuffled every epoch) before decoding,
     so shuffling covers the whole split at no memory cost; decoding runs in parallel, prefetched.
-    With data.cache, the decoded and resized uint8 pairs of the first epoch are kept in memory
-    (N x H x W x 4 bytes) and later epochs shuffle those instead of decoding files again.
+    With data.cache "memory" (or "file"), the decoded and resized uint8 pairs of the first epoch
+    are kept in memory (N x H x W x 4 bytes) or in a tf.data cache file, and later epochs shuffle
+    those instead of decoding files again.
     """
     import tensorflow as tf
 
@@ -233,12 +234,28 @@ def make_dataset(pairs: Sequence[Pair], cfg: Config, *, batch_size: int, shuffle
             target = tf.one_hot(labels, num_classes, dtype=tf.float32)
         return tf.cast(image, tf.float32), target
 
-    if cfg.data.cache:
-        ds = shuffled(ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).cache())
+    if cfg.data.cache != "off":
+        ds = shuffled(ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).cache(cache_file(pairs, cfg)))
     else:
         ds = shuffled(ds).map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def cache_file(pairs: Sequence[Pair], cfg: Config) -> str:
+    """"" for data.cache "memory"; for "file", a tf.data cache path under the output folder whose
+    name hashes everything the cached pixels depend on (files, sizes, mask encoding), so a
+    changed dataset or config never reads a stale cache."""
+    if cfg.data.cache != "file":
+        return ""
+    digest = hashlib.sha256(repr((
+        [(str(p.image), p.image.stat().st_size, str(p.mask), p.mask.stat().st_size) for p in pairs],
+        cfg.model.image_height, cfg.model.image_width, cfg.model.num_classes, cfg.data.binary_mask,
+        cfg.data.mask_threshold, cfg.data.rgb_map, cfg.data.color_tolerance, cfg.data.image_interpolation,
+    )).encode()).hexdigest()[:16]
+    folder = cfg.output_dir / "tfdata-cache"
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder / digest)
 
 
 def make_datasets(cfg: Config):

@@ -365,21 +365,30 @@ def test_make_dataset_shuffle_is_seeded_and_reshuffled(six_pairs):
     assert _means(data.make_dataset(pairs, other_seed, batch_size=4, shuffle=True)) != epoch1
 
 
-def test_make_dataset_cache_decodes_once_and_still_reshuffles(six_pairs, tmp_path):
+@pytest.mark.parametrize("mode", ["memory", "file"])
+def test_make_dataset_cache_decodes_once_and_still_reshuffles(six_pairs, tmp_path, mode):
     import shutil
 
     root = shutil.copytree(six_pairs, tmp_path / "copy")
     cfg = _cfg(f"data.root={root}", "model.image_height=16", "model.image_width=16", "seed=1",
-               "data.cache=true")
+               f"data.cache={mode}", f"train.output_dir={tmp_path / 'out'}")
     pairs = data.split_pairs(cfg, "train")
-    streamed = _means(data.make_dataset(pairs, config.override(cfg, {"data.cache": False}),
+    streamed = _means(data.make_dataset(pairs, config.override(cfg, {"data.cache": "off"}),
                                         batch_size=4, shuffle=False))
     ds = data.make_dataset(pairs, cfg, batch_size=4, shuffle=True)
     epoch1 = _means(ds)
-    shutil.rmtree(root / "train")  # later epochs come from memory, not from the files
+    for path in (root / "train" / "images").iterdir():  # later epochs must not decode the files:
+        path.write_bytes(b"\0" * path.stat().st_size)  # same size, no longer an image
     epoch2, epoch3 = _means(ds), _means(ds)
     assert sorted(epoch1) == sorted(epoch2) == sorted(streamed)
     assert len({tuple(epoch1), tuple(epoch2), tuple(epoch3)}) > 1  # still reshuffled per epoch
+    cached = list((tmp_path / "out" / "tfdata-cache").glob("*.index"))
+    assert len(cached) == (1 if mode == "file" else 0)
+    if mode == "file":  # a new pipeline (e.g. the next run) reads the cache file, not the images
+        again = _means(data.make_dataset(pairs, cfg, batch_size=4, shuffle=False))
+        assert again == streamed
+        other = config.override(cfg, {"model.image_height": 8, "model.image_width": 8})
+        assert data.cache_file(pairs, other) != data.cache_file(pairs, cfg)  # no stale cache
 
 
 def test_encode_binary_grey_equals_rgb():
