@@ -18,6 +18,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from seg_mlops import augment as augment_mod
 from seg_mlops.config import Config, DataConfig
 from seg_mlops.errors import SegMlopsError
 
@@ -201,7 +202,8 @@ def validate(pairs: Sequence[Pair], cfg: Config, workers: int = 4) -> np.ndarray
 
 # ----------------------------------------------------------------------------- tf.data
 
-def make_dataset(pairs: Sequence[Pair], cfg: Config, *, batch_size: int, shuffle: bool):
+def make_dataset(pairs: Sequence[Pair], cfg: Config, *, batch_size: int, shuffle: bool,
+                 augment: bool = False):
     """A tf.data pipeline of (float32 raw-pixel images, float32 binary/one-hot labels).
 
     Streamed (default): file names are shuffled (seeded, reshuffled every epoch) before decoding,
@@ -209,6 +211,10 @@ def make_dataset(pairs: Sequence[Pair], cfg: Config, *, batch_size: int, shuffle
     With data.cache "memory" (or "file"), the decoded and resized uint8 pairs of the first epoch
     are kept in memory (N x H x W x 4 bytes) or in a tf.data cache file, and later epochs shuffle
     those instead of decoding files again.
+
+    With augment=True (the train split only) and any cfg.augment probability above 0, every
+    decoded uint8 pair is augmented after the cache and the shuffle, so cached pairs are drawn
+    anew every epoch (seg_mlops.augment); validation, test and inference pipelines never are.
     """
     import tensorflow as tf
 
@@ -238,6 +244,8 @@ def make_dataset(pairs: Sequence[Pair], cfg: Config, *, batch_size: int, shuffle
         ds = shuffled(ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).cache(cache_file(pairs, cfg)))
     else:
         ds = shuffled(ds).map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if augment and augment_mod.enabled(cfg.augment):
+        ds = augment_mod.augment_dataset(ds, cfg.augment, cfg.seed, height, width)
     ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
@@ -259,8 +267,8 @@ def cache_file(pairs: Sequence[Pair], cfg: Config) -> str:
 
 
 def make_datasets(cfg: Config):
-    """Validated (train, valid) pipelines from the config's folders."""
+    """Validated (train, valid) pipelines from the config's folders; only train is augmented."""
     train_pairs, valid_pairs = split_pairs(cfg, "train"), split_pairs(cfg, "valid")
     validate(train_pairs + valid_pairs, cfg)
-    return (make_dataset(train_pairs, cfg, batch_size=cfg.train.batch_size, shuffle=True),
+    return (make_dataset(train_pairs, cfg, batch_size=cfg.train.batch_size, shuffle=True, augment=True),
             make_dataset(valid_pairs, cfg, batch_size=cfg.train.batch_size, shuffle=False))
