@@ -144,7 +144,7 @@ def overlap_grid(height: int, width: int, tile: tuple[int, int], overlap: int,
     """
     if 2 * overlap >= min(tile):
         raise SegMlopsError(f"{key}={overlap}: must be below half the tile ({min(tile)} px), "
-                            f"i.e. at most {(min(tile) - 1) // 2}")
+                            f"i.e. at most {(min(tile) - 1) // 2} (e.g. --set {key}={min(tile) // 8})")
     return make_grid(height, width, tile, (tile[0] - 2 * overlap, tile[1] - 2 * overlap))
 
 
