@@ -391,8 +391,9 @@ class _Mapper:
 
     def splits(self) -> None:
         ini, sections = self.ini, self.ini.sections
-        train_keys = ("images_dir", "masks_dir") if ini.has("train", "images_dir") or self.flex \
-            else ("image_datapath", "mask_datapath")
+        # classic names image_datapath/mask_datapath, FlexUNet images_dir/masks_dir: whichever is there
+        classic = ini.has("train", "image_datapath") or (not self.flex and not ini.has("train", "images_dir"))
+        train_keys = ("image_datapath", "mask_datapath") if classic else ("images_dir", "masks_dir")
         self.copy("train", train_keys[0], "data.train_images", "path")
         self.copy("train", train_keys[1], "data.train_masks", "path")
         valid = "valid" if "valid" in sections else "eval"
