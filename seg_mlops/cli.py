@@ -25,7 +25,7 @@ class _Group(click.Group):
 
 
 config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False), required=True,
-                             help="Experiment YAML (see configs/).")
+                             help="Experiment YAML (see configs/), or a reference train_eval_infer.config.")
 set_option = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
                           help="Override a config key, e.g. --set train.epochs=3 (repeatable).")
 sets_option = click.option("--sets", default="", metavar="'K=V K=V'",
@@ -294,6 +294,23 @@ def demo(config_path: str, overrides: tuple[str, ...], sets: str) -> None:
                            threshold=cfg.infer.threshold, colorize_masks=True, overlays=True)
     click.echo(f"wrote {len(written)} masks to {result.output_dir / 'infer'}")
     click.echo("browse the runs: seg-mlops ui  (then http://127.0.0.1:5000)")
+
+
+@cli.command("convert-config")
+@click.argument("legacy_config", type=click.Path(dir_okay=False))
+@click.option("--relative-to", type=click.Path(file_okay=False), default=None,
+              help="Write paths relative to this folder (where the YAML will live, e.g. configs) "
+                   "[default: absolute paths].")
+def convert_config(legacy_config: str, relative_to: str | None) -> None:
+    """Print our YAML for a reference train_eval_infer.config; notes go to stderr.
+
+    Unknown, malformed or unsupported keys are errors naming file:line [section] key.
+    """
+    from seg_mlops import legacy
+
+    conversion = legacy.convert(legacy_config)
+    legacy.report(conversion.notes)
+    click.echo(legacy.to_yaml(conversion, relative_to), nl=False)
 
 
 @cli.command()

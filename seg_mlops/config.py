@@ -424,11 +424,15 @@ def _validate_space(space: Mapping[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------- public API
 
+LEGACY_SUFFIXES = (".config", ".ini")  # the reference's train_eval_infer.config (seg_mlops.legacy)
+
 def load(path: str | Path | None = None, overrides: Iterable[str] | Mapping[str, Any] = ()) -> Config:
     """Read a YAML config (None: all defaults) and apply overrides.
 
     Args:
-        path: the YAML file; relative paths inside it are relative to its folder.
+        path: the YAML file; relative paths inside it are relative to its folder. A `.config` or
+            `.ini` file is read as the reference's train_eval_infer.config (seg_mlops.legacy),
+            its notes printed to stderr.
         overrides: `section.key=value` strings (as given to `--set`; values parsed as YAML,
             paths relative to the working directory) or a flat `{section.key: value}` mapping.
     """
@@ -438,6 +442,12 @@ def load(path: str | Path | None = None, overrides: Iterable[str] | Mapping[str,
         path = Path(path)
         if not path.is_file():
             raise SegMlopsError(f"config file not found: {path}")
+        if path.suffix.lower() in LEGACY_SUFFIXES:
+            from seg_mlops import legacy  # lazy: legacy imports this module
+
+            conversion = legacy.convert(path)  # the reference's INI, mapped; paths already absolute
+            legacy.report(conversion.notes)
+            return _validate(_apply(_build(Config, conversion.raw, "", None), overrides))
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
