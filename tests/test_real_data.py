@@ -36,14 +36,14 @@ def test_pap_smear_dice_rises_above_untrained(tmp_path):
 
 
 def test_drosophila_five_classes_each_get_a_dice_and_training_beats_untrained(tmp_path):
-    """Multiclass real data: 5-class EM (74/17/3/5/0.6 % of pixels), trained briefly at 64 px."""
+    """Multiclass real data: 5-class EM (74/17/3/5/0.6 % of pixels), trained briefly at 128 px."""
     root = real_data("Drosophila-VNC-ssTEM-5class")  # 14/3/3 slices, 1024 px grey, RGB masks
     from tests.conftest import REPO
 
     cfg = config.load(REPO / "configs" / "drosophila.yaml", [
-        f"data.root={root}", f"train.output_dir={tmp_path / 'out'}", "model.image_height=64",
-        "model.image_width=64", "model.base_filters=8", "model.num_layers=3", "model.base_kernels=3",
-        "model.dropout_rate=0.0", "train.batch_size=4", "train.epochs=12", "train.learning_rate=0.01",
+        f"data.root={root}", f"train.output_dir={tmp_path / 'out'}", "model.image_height=128",
+        "model.image_width=128", "model.base_filters=8", "model.num_layers=4", "model.base_kernels=3",
+        "model.dropout_rate=0.0", "train.batch_size=2", "train.epochs=15", "data.cache=memory", "train.learning_rate=0.01",
         "train.patience=0", "train.reducer_patience=0", "train.epoch_infer_count=1",
         "augment.hflip=0.0", "augment.vflip=0.0", "augment.rotation=0.0"])
     assert cfg.model.num_classes == 5 and cfg.data.rgb_map[4] == (255, 255, 0)  # synapse: yellow
@@ -64,7 +64,9 @@ def test_drosophila_five_classes_each_get_a_dice_and_training_beats_untrained(tm
     assert set(names) <= set(csv_names)
     mean = lambda scores: sum(scores[n] for n in names) / 5  # noqa: E731
     print("untrained", [round(untrained[n], 3) for n in names], "-> trained", [round(trained[n], 3) for n in names])
-    # background covers 74 %: a trained net must find it, and the class mean must rise. At 64 px the
-    # thin membranes mostly vanish, so the rise is small (measured: 0.120 -> 0.174, background 0.86).
+    # background covers 74 %: a trained net must find it, membranes and mitochondria must appear, and
+    # the class mean must rise clearly (measured at 128 px: mean 0.027 -> 0.365; background 0.89,
+    # membrane 0.42, mitochondria 0.43; the 0.6 % synapses stay at 0 after 15 epochs).
     assert trained["dice_class0"] > 0.8
-    assert mean(trained) > mean(untrained) + 0.03
+    assert trained["dice_class1"] > 0.2 and trained["dice_class3"] > 0.2
+    assert mean(trained) > mean(untrained) + 0.2

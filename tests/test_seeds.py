@@ -4,9 +4,11 @@ with epoch inference on them and per-class evaluation (Breast-Cancer-Cell: 3 cla
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from seg_mlops import config, evaluate, train
+from seg_mlops import config, evaluate, infer, train
 from tests.conftest import REPO, real_data
 
 # config file -> (seed-mini-test folder, num_classes, rgb_map, base_kernels, learning_rate)
@@ -56,11 +58,6 @@ def test_seed_trains_one_tiny_epoch_on_its_mini_test(name, tmp_path):
         "train.epochs=1", "train.batch_size=4", "train.learning_rate=0.01",
         f"train.epoch_infer_images={images}", f"train.epoch_infer_masks={masks}", "train.epoch_infer_count=2",
         f"tiled_infer.epoch_infer_images={images}", f"tiled_infer.epoch_infer_masks={masks}"])
-    # TODO(lead, tiled inference): for tiled_cervical_cancer, also run tiled inference on the
-    # 2048x1536 mini_test images (tile 512 -> 64 px model input, overlap 128, bitwise_blending) and
-    # check the stitched masks have the originals' size and the epoch_tiled_infer panels exist;
-    # the tiled functions of infer.py are being written on another branch.
-
     result = train.train(cfg, verbose=0)
     assert len(result.history["loss"]) == 1 and result.model_path.is_file()
     # epoch inference on the mini_test images: one panel per image for the one epoch
@@ -75,3 +72,16 @@ def test_seed_trains_one_tiny_epoch_on_its_mini_test(name, tmp_path):
         f"dice_class{classes}" not in scores
     rows = (tmp_path / "eval" / "per_image.csv").read_text().splitlines()
     assert len(rows) == 1 + 8  # header + every test image
+
+    if name == "tiled_cervical_cancer":  # the seed's tiled inference on its 2048x1536 originals
+        tiled = sorted(p.name for p in (result.output_dir / "epoch_tiled_infer").iterdir())
+        assert tiled == [f"epoch_001_{sorted(images.iterdir())[0].stem}.png"]  # one image, one epoch
+        two = tmp_path / "two"
+        two.mkdir()
+        for image in sorted(images.iterdir())[:2]:
+            (two / image.name).symlink_to(image.resolve())
+        written = infer.tiled_infer_folder(result.model, two, tmp_path / "tiled", cfg)
+        for path in written:
+            mask = np.asarray(Image.open(path))
+            assert mask.shape == (1536, 2048) and set(np.unique(mask)) <= {0, 255}
+        assert (cfg.tiled_infer.mode, cfg.tiled_infer.tile_size) == ("bitwise_blending", 512)
