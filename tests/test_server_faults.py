@@ -31,13 +31,17 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
                      "--artifacts-destination", str(tmp_path / "server-artifacts"),
-                     "--host", "127.0.0.1", "--port", str(self.port)]
+                     "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.args, env=venv_env(), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_http(self.url + "/health", self.proc)
+        try:
+            wait_http(self.url + "/health", self.proc, seconds=300)  # busy CI machines start slowly
+        except BaseException:
+            self.kill()
+            raise
 
     def kill(self) -> None:
         """SIGKILL, as a crash or a reboot would: no goodbye to the clients."""
