@@ -157,7 +157,8 @@ class RunSink:
                 self.pending.popleft()
                 if self.down_since is not None:
                     self.delayed += 1
-                    self._save()
+                if self.down_since is not None or "file" in record:
+                    self._save()  # the spool on disk keeps only what is still pending
                 if not self.pending:
                     self._recovered()
                 self._cond.notify_all()
