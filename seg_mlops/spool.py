@@ -68,6 +68,9 @@ class RunSink:
         if not replay:
             shutil.rmtree(self.dir, ignore_errors=True)
         self.pending: deque[dict] = deque(r for r in self._load() if r["kind"] == "image")
+        self._on_disk = (self.dir / SPOOL_FILE).is_file()
+        if self._on_disk:
+            self._save()  # without the dropped metrics (or removed, when nothing else is left)
         self.down_since: float | None = None  # start of the current outage
         self.outages = 0
         self.delayed = 0  # records uploaded late (after an outage)
@@ -129,7 +132,9 @@ class RunSink:
                 time.sleep(wait)
                 wait = min(2 * wait, BACKOFF_S[1])
                 continue
-            self._recovered()
+            with self._cond:
+                if not self.pending:  # else the worker reports the recovery when it has drained them
+                    self._recovered()
             return True, result
 
     # ------------------------------------------------------------------ worker
@@ -157,7 +162,7 @@ class RunSink:
                 self.pending.popleft()
                 if self.down_since is not None:
                     self.delayed += 1
-                if self.down_since is not None or "file" in record:
+                if self._on_disk:
                     self._save()  # the spool on disk keeps only what is still pending
                 if not self.pending:
                     self._recovered()
@@ -197,6 +202,7 @@ class RunSink:
         """Write the pending records (images as PNG files) to the spool; remove it when empty."""
         if not self.pending:
             shutil.rmtree(self.dir, ignore_errors=True)
+            self._on_disk = False
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         lines = []
@@ -208,6 +214,7 @@ class RunSink:
         tmp = self.dir / (SPOOL_FILE + ".tmp")
         tmp.write_text("\n".join(lines) + "\n")
         os.replace(tmp, self.dir / SPOOL_FILE)
+        self._on_disk = True
         keep = {r["file"] for r in self.pending if "file" in r}
         for png in self.dir.glob("*.png"):
             if png.name not in keep:
