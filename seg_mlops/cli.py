@@ -72,17 +72,29 @@ def make_demo_data(output: str, classes: int, size: int, counts: tuple[int, int,
 
 
 @cli.command()
-@config_option
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Experiment YAML (see configs/). Required unless --resume (which defaults to the run's own).")
 @set_option
 @sets_option
 @click.option("--overwrite", is_flag=True, help="Reuse an output folder that already holds a model.")
-def train(config_path: str, overrides: tuple[str, ...], sets: str, overwrite: bool) -> None:
+@click.option("--resume", "resume_run_id", default="", metavar="RUN_ID",
+              help="Continue this FAILED or KILLED run from its last epoch, in the same MLflow run "
+                   "(also uploads what a lost tracking server did not get).")
+def train(config_path: str | None, overrides: tuple[str, ...], sets: str, overwrite: bool,
+          resume_run_id: str) -> None:
     """Train a UNet in an MLflow run: params, curves, epoch panels, evaluation and the model."""
-    cfg = _load(config_path, overrides, sets)  # config errors first, before TensorFlow loads
+    if not config_path and not resume_run_id:
+        raise SegMlopsError("train needs --config (or --resume RUN_ID)")
+    # config errors first, before TensorFlow loads
+    cfg = _load(config_path, overrides, sets) if config_path else None
+    if cfg is None and (overrides or sets):
+        raise SegMlopsError("--set/--sets need --config: a resumed run keeps its own config")
     from seg_mlops import tracking
     from seg_mlops.losses import monitor_mode
 
-    result, run_id = tracking.train(cfg, overwrite=overwrite)
+    if resume_run_id:
+        cfg = tracking.resume_config(resume_run_id, cfg)
+    result, run_id = tracking.train(cfg, overwrite=overwrite, resume_run_id=resume_run_id or None)
     values = result.history[cfg.train.monitor]
     best = (min if monitor_mode(cfg.train.monitor) == "min" else max)(values)
     click.echo(f"best {cfg.train.monitor}={best:.4f} after {len(values)} epochs; model: {result.model_path}")

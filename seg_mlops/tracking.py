@@ -11,6 +11,7 @@ import contextlib
 import importlib.metadata
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -20,14 +21,23 @@ import mlflow
 import numpy as np
 
 from seg_mlops import config as config_mod
-from seg_mlops import data
+from seg_mlops import data, lifecycle
 from seg_mlops.callbacks import PanelConsumer
 from seg_mlops.config import Config
 from seg_mlops.errors import SegMlopsError
+from seg_mlops.spool import RunSink, server_wait
 
 MODEL_NAME = "model"  # the logged model's name inside a run
 MODEL_URI_TAG = "seg_mlops.model_uri"
 TRACKING_HOME = Path("tracking")
+# MLflow's HTTP client retries a failed call 7 times with backoff (minutes) inside the call; we
+# shorten that (unless the user set it) so our spool decides how long to wait, without blocking.
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+class RunIncomplete(SegMlopsError):
+    """The training ended but the tracking server could not store all of it."""
 
 
 # ----------------------------------------------------------------------------- where runs go
@@ -39,7 +49,8 @@ def tracking_uri() -> str:
 
 def use_store(create: bool = True) -> str:
     """Point MLflow at the tracking store and return its URI; an unreachable server or (with
-    create=False) a missing sqlite file is one clear error, before any work starts."""
+    create=False) a missing sqlite file is one clear error, before any work starts. Then runs
+    left RUNNING by dead processes of this host are marked FAILED (lifecycle.mark_dead_runs)."""
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
         path = Path(uri.removeprefix("sqlite:///"))
@@ -54,7 +65,10 @@ def use_store(create: bool = True) -> str:
         except requests.RequestException as exc:
             raise SegMlopsError(f"tracking server {uri} is unreachable ({type(exc).__name__}); start it "
                                 f"(seg-mlops ui) or fix MLFLOW_TRACKING_URI") from None
+        for name, value in HTTP_RETRY_DEFAULTS.items():
+            os.environ.setdefault(name, value)
     mlflow.set_tracking_uri(uri)
+    lifecycle.mark_dead_runs(mlflow.MlflowClient(uri))
     return uri
 
 
@@ -107,25 +121,45 @@ def run_tags(cfg: Config) -> dict[str, str]:
 @contextlib.contextmanager
 def start_run(cfg: Config, *, run_name: str | None = None, parent_run_id: str | None = None,
               tags: dict[str, str] | None = None,
-              killed_by: tuple[type[BaseException], ...] = (KeyboardInterrupt,)) -> Iterator[mlflow.ActiveRun]:
-    """A run in the config's experiment (or the one `mlflow run` created: MLFLOW_RUN_ID), ended
-    FINISHED on success, KILLED on Ctrl-C (or `killed_by`, e.g. a pruned trial) and FAILED on any
-    other exception: never left RUNNING."""
+              killed_by: tuple[type[BaseException], ...] = (KeyboardInterrupt,),
+              run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """A run in the config's experiment (or the one `mlflow run` created: MLFLOW_RUN_ID, or
+    `run_id` to continue a run), ended FINISHED on success, KILLED on Ctrl-C (or `killed_by`, e.g.
+    a pruned trial) and FAILED on any other exception. The run's tags name this process, so that
+    if it dies unannounced the next command marks the run FAILED: never left RUNNING."""
     experiment_id = connect(cfg.experiment)
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id)
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id,
+                           run_id=run_id)
     try:
         if run.info.experiment_id != experiment_id:
             print(f"note: logging into run {run.info.run_id} of experiment {run.info.experiment_id} (set by "
                   f"`mlflow run`), not '{cfg.experiment}'; pass --experiment-name {cfg.experiment} to mlflow run")
-        mlflow.set_tags(tags or {})  # start_run ignores tags when resuming the run of `mlflow run`
+        # start_run ignores tags when resuming the run of `mlflow run`
+        mlflow.set_tags({**(tags or {}), **lifecycle.process_tags()})
         yield run
     except killed_by:
-        mlflow.end_run("KILLED")
+        _end_run("KILLED")
+        raise
+    except RunIncomplete:
+        _end_run("FAILED")  # when the server is still down, the next command marks it FAILED
         raise
     except BaseException:
-        mlflow.end_run("FAILED")
+        _end_run("FAILED")
         raise
-    mlflow.end_run("FINISHED")
+    if not _end_run("FINISHED"):
+        raise RunIncomplete(f"run {run.info.run_id} could not be marked FINISHED: tracking server "
+                            f"{tracking_uri()} unreachable; the next seg-mlops command marks it FAILED")
+
+
+def _end_run(status: str) -> bool:
+    """End the active run; False (with a note) when the server cannot be told. MLflow pops the
+    run from this process's stack before calling the server, so the process stays consistent."""
+    try:
+        mlflow.end_run(status)
+        return True
+    except Exception as exc:  # the server is gone: it is reported, the original error wins
+        print(f"note: could not mark the run {status} ({type(exc).__name__})", file=sys.stderr)
+        return False
 
 
 def log_params_once(params: dict[str, object]) -> None:
@@ -133,15 +167,33 @@ def log_params_once(params: dict[str, object]) -> None:
     the entry-point params are already there: re-logging one with another value is an error."""
     run_id = mlflow.active_run().info.run_id
     existing = mlflow.get_run(run_id).data.params
-    fresh = {k: str(list(v) if isinstance(v, tuple) else v) for k, v in params.items() if k not in existing}
+    fresh = {k: param_value(v) for k, v in params.items() if k not in existing}
     if fresh:
         mlflow.log_params(fresh)
+
+
+def param_value(value: object) -> str:
+    """A config value as its MLflow param string (lists for tuples)."""
+    return str(list(value) if isinstance(value, tuple) else value)
 
 
 class MLflowLogger(PanelConsumer):
     """Per epoch: Keras' metrics, the learning rate and epoch_seconds at step=epoch, and the
     epoch-inference panels as `epoch_infer/<stem>` images (the UI's step slider shows them evolve),
-    and the tiled ones as `epoch_tiled_infer/<stem>`."""
+    and the tiled ones as `epoch_tiled_infer/<stem>`.
+
+    With a `sink` (spool.RunSink) the records are uploaded in the background and survive a server
+    outage; without one they go through MLflow's asynchronous logging."""
+
+    def __init__(self, sink: RunSink | None = None):
+        super().__init__()
+        self.sink = sink
+
+    def log_image(self, image: np.ndarray, key: str, step: int) -> None:
+        if self.sink is not None:
+            self.sink.log_image(image, key, step)
+        else:
+            mlflow.log_image(image, key=key, step=step, synchronous=False)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
@@ -152,11 +204,14 @@ class MLflowLogger(PanelConsumer):
         metrics["epoch_seconds"] = time.perf_counter() - self._start
         metrics.pop("learning_rate", None)  # logged as lr: one name per concept
         # Asynchronous: the writes/uploads overlap the next epoch (end_run flushes them).
-        mlflow.log_metrics(metrics, step=epoch, synchronous=False)
+        if self.sink is not None:
+            self.sink.log_metrics(metrics, step=epoch)
+        else:
+            mlflow.log_metrics(metrics, step=epoch, synchronous=False)
         for prefix, source in (("epoch_infer", self.source), ("epoch_tiled_infer", self.tiled_source)):
             if source is not None:
                 for stem, panel in source.panels.items():
-                    mlflow.log_image(panel, key=f"{prefix}/{stem}", step=epoch, synchronous=False)
+                    self.log_image(panel, f"{prefix}/{stem}", epoch)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -216,22 +271,127 @@ def log_evaluation(results: dict[str, float], out_dir: Path) -> None:
 
 def train(cfg: Config, *, overwrite: bool = False, extra_callbacks: Sequence[keras.callbacks.Callback] = (),
           run_name: str | None = None, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
-          killed_by: tuple[type[BaseException], ...] = (KeyboardInterrupt,)):
+          killed_by: tuple[type[BaseException], ...] = (KeyboardInterrupt,), resume_run_id: str | None = None):
     """Train inside an MLflow run: params, tags, per-epoch metrics and panels, the history files,
-    `best_<monitor>`, test-split evaluation and the model. Returns (TrainResult, run_id)."""
-    from seg_mlops import evaluate, losses
+    `best_<monitor>`, test-split evaluation and the model. Returns (TrainResult, run_id).
+
+    Args:
+        cfg: the experiment config (for a resume: the run's config, see `resume_config`).
+        overwrite: reuse an output folder that already holds a model.
+        extra_callbacks: Keras callbacks after ours (e.g. pruning).
+        run_name, parent_run_id, tags: of the new run.
+        killed_by: exceptions that end the run KILLED rather than FAILED.
+        resume_run_id: continue this run (FAILED or KILLED) from the training state in its output
+            folder, logging into it with continuous steps.
+
+    Raises:
+        RunIncomplete: the training ended but the tracking server stayed unreachable for
+            $SEG_MLOPS_SERVER_WAIT seconds: the files stay in the output folder, and
+            `seg-mlops train --resume <run_id>` uploads them later.
+    """
+    from seg_mlops import resume as resume_mod
     from seg_mlops import train as train_mod
 
-    with start_run(cfg, run_name=run_name, parent_run_id=parent_run_id, tags={**run_tags(cfg), **(tags or {})},
+    wrapper = None
+    if resume_run_id:
+        # Under `mlflow run -P resume=<id>`, MLflow made a new run for this command: log into the
+        # resumed run instead, and leave the wrapper a tag pointing at it (mlflow run ends it).
+        wrapper = os.environ.pop("MLFLOW_RUN_ID", None)
+    out = cfg.output_dir.resolve()
+    with start_run(cfg, run_name=run_name, parent_run_id=parent_run_id, run_id=resume_run_id,
+                   tags={**run_tags(cfg), **(tags or {}), lifecycle.OUTPUT_TAG: str(out)},
                    killed_by=killed_by) as run:
+        run_id = run.info.run_id
+        if wrapper and wrapper != run_id:
+            mlflow.MlflowClient().set_tag(wrapper, lifecycle.RESUMED_RUN_TAG, run_id)
         log_params_once(config_mod.flatten(cfg))
-        result = train_mod.train(cfg, overwrite=overwrite, extra_callbacks=[MLflowLogger(), *extra_callbacks])
-        values = result.history[cfg.train.monitor]
-        best = (min if losses.monitor_mode(cfg.train.monitor) == "min" else max)(values)
-        mlflow.log_metric(f"best_{cfg.train.monitor}", best)
-        mlflow.log_text(config_mod.to_yaml(cfg), "config.yaml")
-        log_artifacts(result.output_dir, ["train_losses.csv", "train_losses.png",
-                                          "train_metrics.csv", "train_metrics.png"])
-        log_evaluation(evaluate.evaluate(result.model, cfg, result.output_dir), result.output_dir)
-        log_model(result.model)
-        return result, run.info.run_id
+        state = resume_mod.load_state(out) if resume_run_id else None
+        if resume_run_id:
+            count = int(run.data.tags.get(lifecycle.RESUMES_TAG, "0")) + 1
+            mlflow.set_tag(lifecycle.RESUMES_TAG, str(count))
+            if state is not None and state.owner != run_id:
+                raise SegMlopsError(f"{out} holds the training state of run {state.owner}, not {run_id}: "
+                                    "the folder was reused by another training")
+        sink = RunSink(run_id, out, replay=bool(resume_run_id))
+        try:
+            if state is not None:
+                republish(sink, run_id, state.rows)
+            result = train_mod.train(cfg, overwrite=overwrite, resume=bool(resume_run_id), owner=run_id,
+                                     extra_callbacks=[MLflowLogger(sink), *extra_callbacks])
+            finish_run(cfg, result, sink, run_id)
+        except BaseException:
+            sink.flush(min(30.0, server_wait()))  # what was logged before the error still reaches the run
+            raise
+        finally:
+            sink.close()
+    resume_mod.clear_state(out)  # FINISHED on the server: nothing left to resume
+    return result, run_id
+
+
+def republish(sink: RunSink, run_id: str, rows: Sequence[dict]) -> int:
+    """Queue the saved epochs' metrics that the server lacks (the process died between saving an
+    epoch and uploading it, or the server was down); returns how many (step, metric) were missing.
+    Checks the server first, so a metric is never stored twice at one step."""
+    client = mlflow.MlflowClient()
+    names = {k for row in rows for k in row if k not in ("epoch", "learning_rate")}
+    present = {name: {m.step for m in client.get_metric_history(run_id, name)} for name in names}
+    missing = 0
+    for row in rows:
+        values = {k: v for k, v in row.items() if k in names and row["epoch"] not in present[k]}
+        if values:
+            sink.log_metrics(values, step=row["epoch"])
+            missing += len(values)
+    return missing
+
+
+def finish_run(cfg: Config, result, sink: RunSink, run_id: str) -> None:
+    """The end of a tracked training: evaluate locally, then upload the pending epochs,
+    `best_<monitor>`, config, history files, evaluation and model, retrying while the server is
+    down, up to $SEG_MLOPS_SERVER_WAIT seconds in all; past that, RunIncomplete."""
+    from seg_mlops import evaluate, losses
+
+    out = result.output_dir
+    values = result.history[cfg.train.monitor]
+    best = (min if losses.monitor_mode(cfg.train.monitor) == "min" else max)(values)
+    results = evaluate.evaluate(result.model, cfg, out)  # local files first: they never need the server
+    wait = server_wait()
+    deadline = time.monotonic() + wait
+    steps = [
+        ("epoch records", lambda: sink.flush(max(0.0, deadline - time.monotonic())) == 0 or _raise_pending(sink)),
+        (f"best_{cfg.train.monitor}", lambda: mlflow.log_metric(f"best_{cfg.train.monitor}", best)),
+        ("config.yaml", lambda: mlflow.log_text(config_mod.to_yaml(cfg), "config.yaml")),
+        ("history files", lambda: log_artifacts(out, ["train_losses.csv", "train_losses.png",
+                                                      "train_metrics.csv", "train_metrics.png"])),
+        ("evaluation", lambda: log_evaluation(results, out)),
+        ("model", lambda: log_model(result.model)),
+    ]
+    for what, upload in steps:
+        done, _ = sink.call(what, upload, deadline)
+        if not done:
+            raise RunIncomplete(
+                f"run {run_id} is incomplete: tracking server {tracking_uri()} unreachable for {wait:.0f} s "
+                f"({what} not uploaded); the model and files are kept in {out}; when the server is back, "
+                f"upload them with: seg-mlops train --resume {run_id}")
+
+
+def _raise_pending(sink: RunSink) -> bool:
+    raise ConnectionError(f"{len(sink.pending)} epoch records still pending")
+
+
+def resume_config(run_id: str, cfg: Config | None = None) -> Config:
+    """The config to resume `run_id` with: `cfg` if given (it must match the run's params), else
+    the run's own (config.yaml in its output folder). Errors name what prevents the resume."""
+    client = mlflow.MlflowClient(use_store())
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise SegMlopsError(f"run {run_id} not found in {tracking_uri()}") from None
+    out = run.data.tags.get(lifecycle.OUTPUT_TAG)
+    if cfg is None:
+        if not out or not (Path(out) / "config.yaml").is_file():
+            raise SegMlopsError(f"run {run_id}: no config.yaml in its output folder {out}; pass --config")
+        cfg = config_mod.load(Path(out) / "config.yaml")
+    flat = {k: param_value(v) for k, v in config_mod.flatten(cfg).items()}
+    out_dir = lifecycle.check_resumable(run, connect(cfg.experiment), flat)
+    # The folder the run wrote to, wherever this command runs from.
+    return config_mod.override(cfg, {"train.output_dir": str(out_dir)})

@@ -17,6 +17,7 @@ import numpy as np
 
 from seg_mlops import config as config_mod
 from seg_mlops import data, losses
+from seg_mlops import resume as resume_mod
 from seg_mlops.callbacks import EpochInference, EpochTiledInference, HistoryWriter, PanelConsumer
 from seg_mlops.config import Config
 from seg_mlops.errors import SegMlopsError
@@ -74,27 +75,37 @@ def epoch_inference(cfg: Config, out_dir: Path) -> EpochInference | None:
                           cfg.palette(), cfg.infer.threshold)
 
 
-def prepare_output(cfg: Config, overwrite: bool) -> Path:
+def prepare_output(cfg: Config, overwrite: bool, resume: bool = False) -> Path:
     """The output folder, refusing to reuse one that holds a previous training unless asked:
-    nothing is ever wiped (the reference rmtree'd its folders)."""
+    nothing is ever wiped (the reference rmtree'd its folders). A fresh start drops the resume
+    state a killed training left there; a resume keeps it."""
     out = cfg.output_dir
-    if (out / MODEL_FILE).exists() and not overwrite:
+    if (out / MODEL_FILE).exists() and not overwrite and not resume:
         raise SegMlopsError(f"{out} already holds a trained model; pass --overwrite to replace its files "
                             f"or choose another folder with --set train.output_dir=...")
     out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        resume_mod.clear_state(out)
     (out / "config.yaml").write_text(config_mod.to_yaml(cfg))
     return out
 
 
 def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = (),
-          overwrite: bool = False, verbose: int = 2) -> TrainResult:
+          overwrite: bool = False, verbose: int = 2, resume: bool = False, owner: str = "") -> TrainResult:
     """Validate the data, build and compile the UNet, fit, and keep the best checkpoint.
+
+    Every epoch also saves the training state to `<output>/resume/` (see seg_mlops.resume).
 
     Args:
         cfg: the experiment config.
         extra_callbacks: appended after ours (so they see the epoch-inference panels).
         overwrite: reuse an output folder that already holds a model.
         verbose: Keras fit verbosity (2 = one line per epoch).
+        resume: continue from the state saved in the output folder (model, optimizer, epoch, LR,
+            early-stopping, LR-reducer and checkpoint state, history rows); a fresh start when no
+            epoch ended there yet.
+        owner: who trains (the MLflow run id), saved in the state; resuming a state saved by
+            another owner is an error.
     """
     keras.utils.set_random_seed(cfg.seed)  # Python, NumPy and TF at once (the reference's B1)
     # Cheap checks first (model shape, loss and monitor names, every data file), so bad input
@@ -102,7 +113,11 @@ def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = 
     model = build_unet(**dataclasses.asdict(cfg.model))
     metric_names = compile_model(model, cfg)
     train_ds, valid_ds = data.make_datasets(cfg)
-    out = prepare_output(cfg, overwrite)
+    out = prepare_output(cfg, overwrite, resume)
+    state = resume_mod.load_state(out) if resume else None
+    if state is not None and owner and state.owner and state.owner != owner:
+        raise SegMlopsError(f"{out / resume_mod.STATE_DIR} holds the training state of run {state.owner}, not "
+                            f"{owner}: resume that run, or train afresh with --overwrite")
     monitor, mode = cfg.train.monitor, losses.monitor_mode(cfg.train.monitor)
 
     callbacks: list[keras.callbacks.Callback] = [
@@ -126,9 +141,29 @@ def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = 
         if isinstance(callback, PanelConsumer):
             callback.source = inference
             callback.tiled_source = tiled_inference
-    history = model.fit(train_ds, validation_data=valid_ds, epochs=cfg.train.epochs,
-                        callbacks=callbacks + list(extra_callbacks), verbose=verbose,
-                        shuffle=False)  # the dataset shuffles itself (seeded)
+    # Last of ours: it saves what the callbacks above updated, before extra callbacks publish it.
+    saver = resume_mod.TrainingState(out, callbacks, out / MODEL_FILE, owner=owner, state=state)
+    callbacks.append(saver)
+    if state is not None and state.complete:
+        # Fit had ended before the interruption: only the tracked end (evaluation, logging) is left.
+        model.load_weights(out / MODEL_FILE)  # what EarlyStopping restores / the best checkpoint
+        return TrainResult(out, out / MODEL_FILE, resume_mod.history(state.rows), model, inference)
+    if state is not None:
+        resume_mod.restore_weights(model, out, state)
+        restore_history_rows(callbacks, state.rows)
+        print(f"resuming from epoch {state.epoch + 1} of {cfg.train.epochs} (state in {out / resume_mod.STATE_DIR})")
+    model.fit(train_ds, validation_data=valid_ds, epochs=cfg.train.epochs,
+              initial_epoch=state.epoch if state else 0,
+              callbacks=callbacks + list(extra_callbacks), verbose=verbose,
+              shuffle=False)  # the dataset shuffles itself (seeded)
     if not cfg.train.patience and (out / MODEL_FILE).exists():
         model.load_weights(out / MODEL_FILE)  # no EarlyStopping to restore the best weights
-    return TrainResult(out, out / MODEL_FILE, history.history, model, inference)
+    # The history of both segments of a resumed training, from the saved rows.
+    return TrainResult(out, out / MODEL_FILE, resume_mod.history(saver.state.rows), model, inference)
+
+
+def restore_history_rows(callbacks: Sequence[keras.callbacks.Callback], rows: list[dict]) -> None:
+    """Give the history writers the rows of the epochs before a resume (their CSVs hold all)."""
+    for callback in callbacks:
+        if isinstance(callback, HistoryWriter):
+            callback.rows = [dict(r) for r in rows]

@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from seg_mlops import config as config_mod
-from seg_mlops import losses, registry, tracking
+from seg_mlops import lifecycle, losses, registry, tracking
 from seg_mlops.config import Config
 from seg_mlops.errors import SegMlopsError
 from seg_mlops.model import check_args
@@ -188,6 +188,9 @@ def run_study(cfg: Config, *, n_trials: int | None = None, timeout: float | None
         experiment_id, run_name=f"study-{cfg.experiment}").info.run_id
     url = redact(storage_url(cfg))
     client.set_tag(parent_id, registry.STUDY_TAG, cfg.experiment)
+    # host/pid tags: if this process is killed, the next command marks the parent run FAILED
+    for key, value in lifecycle.process_tags().items():
+        client.set_tag(parent_id, key, value)
     for key, value in {"study.name": cfg.experiment, "study.storage": url, "study.sampler": cfg.tune.sampler,
                        "study.pruner": cfg.tune.pruner, "study.epochs_per_trial": cfg.tune.epochs,
                        "study.n_trials": n_trials, "study.space": cfg.tune.space}.items():

@@ -1,0 +1,184 @@
+"""Resume: a training killed with SIGKILL mid-epoch continues in the same MLflow run, with the same
+number of epochs, every epoch's metrics exactly once, and the killed run never left RUNNING."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import mlflow
+import pytest
+import yaml
+
+from seg_mlops import config, lifecycle, resume, synthetic, tracking
+from seg_mlops import train as train_mod
+from seg_mlops.errors import SegMlopsError
+from tests.conftest import TINY
+from tests.test_mlflow import venv_env
+
+EPOCHS = 6
+
+
+@pytest.fixture(scope="module")
+def slow_root(tmp_path_factory) -> Path:
+    # 48 training images at batch 2: 24 steps per epoch, so a kill lands inside an epoch.
+    return synthetic.make_dataset(tmp_path_factory.mktemp("resume-data"), classes=1, size=32, counts=(48, 4, 4))
+
+
+def write_yaml(path: Path, experiment: str, root: Path, out: Path, *extra: str) -> Path:
+    flat = config.parse_overrides([*TINY, f"data.root={root}", f"train.output_dir={out}", *extra])
+    nested: dict = {"experiment": experiment}
+    for key, value in flat.items():
+        section, name = key.split(".")
+        nested.setdefault(section, {})[name] = value
+    path.write_text(yaml.safe_dump(nested))
+    return path
+
+
+def cli(*args: str, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "seg_mlops.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def epochs_saved(out: Path) -> int:
+    try:
+        return json.loads((out / resume.STATE_DIR / resume.STATE_FILE).read_text())["epoch"]
+    except (OSError, ValueError):
+        return 0
+
+
+def test_sigkill_mid_epoch_then_resume(slow_root, tmp_path, tracking_store):
+    out = tmp_path / "out"
+    cfg_path = write_yaml(tmp_path / "tiny.yaml", "resume-kill", slow_root, out, f"train.epochs={EPOCHS}",
+                          "train.batch_size=2", "train.reducer_patience=1", "train.reducer_factor=0.5")
+    env = venv_env(MLFLOW_TRACKING_URI=tracking_store)
+    proc = cli("train", "--config", str(cfg_path), env=env)
+    deadline = time.time() + 300
+    while epochs_saved(out) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    # Two epochs saved: the kill lands in the third (24 steps, each a few ms on a tiny model).
+    time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    killed_at = epochs_saved(out)
+    assert 2 <= killed_at < EPOCHS
+
+    mlflow.set_tracking_uri(tracking_store)
+    client = mlflow.MlflowClient()
+    run = mlflow.search_runs(experiment_names=["resume-kill"], output_format="list")[0]
+    run_id = run.info.run_id
+    assert run.info.status == "RUNNING"  # nobody could tell the server yet
+    assert run.data.tags[lifecycle.PID_TAG] == str(proc.pid)
+    # The next command touching the store marks the dead process's run FAILED, saying why.
+    tracking.use_store()
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert f"process {proc.pid}" in run.data.tags[lifecycle.ENDED_TAG]
+
+    resumed = cli("train", "--resume", run_id, env=env)
+    log, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, log[-3000:]
+    assert f"resuming from epoch {killed_at + 1} of {EPOCHS}" in log
+
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[lifecycle.RESUMES_TAG] == "1"
+    assert run.data.tags[lifecycle.PID_TAG] == str(resumed.pid)
+    assert len(mlflow.search_runs(experiment_names=["resume-kill"], output_format="list")) == 1
+    for name in ("loss", "val_loss", "val_dice_coef", "lr", "epoch_seconds"):
+        steps = sorted(m.step for m in client.get_metric_history(run_id, name))
+        assert steps == list(range(EPOCHS)), name  # no gap, no duplicate
+    history = client.get_metric_history(run_id, "val_dice_coef")
+    assert run.data.metrics["best_val_dice_coef"] == pytest.approx(max(m.value for m in history))
+    assert tracking.MODEL_URI_TAG in run.data.tags and "test_dice_coef" in run.data.metrics
+    # The history files span both segments; the resume state is gone once the run is FINISHED.
+    rows = (out / "train_losses.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["epoch", *map(str, range(EPOCHS))]
+    assert not (out / resume.STATE_DIR).exists()
+    # The LR the reducer set is continuous: each epoch's lr is the previous one or half of it.
+    lrs = [m.value for m in sorted(client.get_metric_history(run_id, "lr"), key=lambda m: m.step)]
+    assert all(b == pytest.approx(a) or b == pytest.approx(a / 2) for a, b in zip(lrs, lrs[1:]))
+
+    # Resuming a FINISHED run is an error naming it.
+    again = cli("train", "--resume", run_id, env=env)
+    text, _ = again.communicate(timeout=300)
+    assert again.returncode == 1 and f"Error: run {run_id} is FINISHED: nothing to resume" in text
+
+
+class Stop(keras.callbacks.Callback):
+    """Interrupts fit at the end of epoch `at` (after the state of that epoch was saved)."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at = at
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.at:
+            raise KeyboardInterrupt
+
+
+class Probe(keras.callbacks.Callback):
+    """Records the optimizer's state when fit begins."""
+
+    def on_train_begin(self, logs=None):
+        self.iterations = int(self.model.optimizer.iterations)
+        self.lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+
+def test_resume_restores_optimizer_lr_and_callback_state(tiny_cfg):
+    # 8 training images at batch 4: 2 optimizer steps per epoch.
+    cfg = tiny_cfg("train.epochs=4", "train.reducer_patience=1", "train.reducer_factor=0.5", "train.patience=3")
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(cfg, extra_callbacks=[Stop(at=1)], owner="run-a")
+    state = resume.load_state(cfg.output_dir)
+    assert (state.epoch, state.complete, state.owner, len(state.rows)) == (2, False, "run-a", 2)
+    assert sorted(p.name for p in (cfg.output_dir / resume.STATE_DIR).iterdir()) == [
+        "epoch_0002.weights.h5", "state.json"]
+    best = max(r["val_dice_coef"] for r in state.rows)
+    assert state.callbacks["ModelCheckpoint"]["best"] == pytest.approx(best)
+    assert state.callbacks["EarlyStopping"]["best"] == pytest.approx(best)
+
+    with pytest.raises(SegMlopsError, match="holds the training state of run run-a, not run-b"):
+        train_mod.train(cfg, resume=True, owner="run-b")
+    probe = Probe()
+    result = train_mod.train(cfg, resume=True, owner="run-a", extra_callbacks=[probe])
+    assert probe.iterations == 2 * 2  # Adam's step count came back with the weights
+    assert probe.lr == pytest.approx(state.rows[-1]["lr"])  # the LR the reducer had set
+    assert len(result.history["loss"]) == 4 and result.history["loss"][:2] == [r["loss"] for r in state.rows]
+    # The best checkpoint is the best of both segments.
+    final = resume.load_state(cfg.output_dir)
+    assert final.complete and final.callbacks["ModelCheckpoint"]["best"] == pytest.approx(
+        max(result.history["val_dice_coef"]))
+
+    # A fresh (overwriting) training drops the old state instead of resuming it.
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(cfg, overwrite=True, extra_callbacks=[Stop(at=0)], owner="run-c")
+    assert (resume.load_state(cfg.output_dir).owner, resume.load_state(cfg.output_dir).epoch) == ("run-c", 1)
+
+
+def test_resume_refuses_a_config_that_differs(tiny_cfg):
+    cfg = tiny_cfg("experiment=resume-mismatch", "train.epochs=2")
+    with pytest.raises(KeyboardInterrupt):
+        tracking.train(cfg, extra_callbacks=[Stop(at=0)])
+    run = mlflow.search_runs(experiment_names=["resume-mismatch"], output_format="list")[0]
+    assert run.info.status == "KILLED"
+    other = config.override(cfg, {"model.base_filters": 8})
+    with pytest.raises(SegMlopsError, match=r"another config \(model.base_filters: run '4', config '8'\)"):
+        tracking.resume_config(run.info.run_id, other)
+    with pytest.raises(SegMlopsError, match="run nosuchrun not found"):
+        tracking.resume_config("nosuchrun")
+    # Without a config, the run's own (config.yaml in its output folder) is used.
+    own = tracking.resume_config(run.info.run_id)
+    assert own.model.base_filters == 4 and Path(own.train.output_dir) == cfg.output_dir.resolve()
+    result, run_id = tracking.train(own, resume_run_id=run.info.run_id)
+    assert run_id == run.info.run_id and len(result.history["loss"]) == 2
+    client = mlflow.MlflowClient()
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [0, 1]
+    assert client.get_run(run_id).info.status == "FINISHED"

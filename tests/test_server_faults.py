@@ -1,0 +1,140 @@
+"""Tracking-server faults with a real `mlflow server` process: lost mid-run and back (training goes
+on, nothing is lost), lost for good (a one-line report naming the local folder, a non-zero exit,
+and a later resume uploads everything)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import mlflow
+import pytest
+
+from seg_mlops import lifecycle, resume, spool, tracking
+from tests.test_mlflow import MLFLOW, free_port, venv_env, wait_http
+from tests.test_resume import epochs_saved, write_yaml
+
+METRICS = ("loss", "val_loss", "dice_coef", "val_dice_coef", "lr", "epoch_seconds")
+
+
+class Server:
+    """A real `mlflow server` on a fixed loopback port that can be killed and started again."""
+
+    def __init__(self, tmp_path: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                     "--artifacts-destination", str(tmp_path / "server-artifacts"),
+                     "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.args, env=venv_env(), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            wait_http(self.url + "/health", self.proc, seconds=300)  # busy CI machines start slowly
+        except BaseException:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or a reboot would: no goodbye to the clients."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = Server(tmp_path)
+    srv.start()
+    yield srv
+    srv.kill()
+
+
+class Outage(keras.callbacks.Callback):
+    """Kills the server when epoch `down` begins and starts it again after epoch `up` ended."""
+
+    def __init__(self, srv: Server, down: int, up: int):
+        super().__init__()
+        self.srv, self.down, self.up = srv, down, up
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.down:
+            self.srv.kill()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.up:
+            self.srv.start()
+
+
+def assert_every_epoch_once(run_id: str, epochs: int) -> None:
+    client = mlflow.MlflowClient()
+    for name in METRICS:
+        assert sorted(m.step for m in client.get_metric_history(run_id, name)) == list(range(epochs)), name
+
+
+def test_server_lost_mid_run_and_back(server, tiny_cfg, monkeypatch, capfd):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    monkeypatch.setenv(spool.WAIT_ENV, "120")
+    cfg = tiny_cfg("experiment=server-outage", "train.epochs=6")
+    # Down during epochs 1-3: the metrics and panels of three epochs wait in the spool.
+    result, run_id = tracking.train(cfg, extra_callbacks=[Outage(server, down=1, up=3)])
+    assert len(result.history["loss"]) == 6  # training went on through the outage
+    err = capfd.readouterr().err
+    # One warning for the outage (not one per failed call), one line when the server is back.
+    assert err.count(f"warning: tracking server {server.url} failed") == 1, err[-2000:]
+    assert err.count(f"tracking server {server.url} is back") == 1, err[-2000:]
+
+    mlflow.set_tracking_uri(server.url)
+    run = mlflow.MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert_every_epoch_once(run_id, 6)
+    assert tracking.MODEL_URI_TAG in run.data.tags and "test_dice_coef" in run.data.metrics
+    panels = [a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "images") if a.path.endswith(".png")]
+    assert len(panels) == 2 * 6  # 2 epoch-inference images x 6 epochs, the delayed ones included
+    assert not (cfg.output_dir / spool.SPOOL_DIR).exists()  # nothing left pending
+
+
+def test_server_lost_for_good_then_resume_uploads(server, binary_root, tmp_path):
+    out = tmp_path / "out"
+    cfg_path = write_yaml(tmp_path / "tiny.yaml", "server-gone", binary_root, out, "train.epochs=4")
+    env = venv_env(MLFLOW_TRACKING_URI=server.url, **{spool.WAIT_ENV: "6"})
+    proc = subprocess.Popen([sys.executable, "-m", "seg_mlops.cli", "train", "--config", str(cfg_path)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while epochs_saved(out) < 1 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    server.kill()
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 1, log[-3000:]
+    errors = [line for line in log.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "is incomplete" in errors[0] and str(out) in errors[0], log[-3000:]
+    run_id = errors[0].split("run ")[1].split()[0]
+    assert f"seg-mlops train --resume {run_id}" in errors[0]
+    # Nothing is lost: the model, the history and evaluation files, the state and the spool.
+    for name in ("best_model.keras", "train_losses.csv", "evaluation.csv", "per_image.csv"):
+        assert (out / name).is_file(), name
+    state = resume.load_state(out)
+    assert state.complete and state.epoch == 4 and state.owner == run_id
+    pending = [json.loads(line) for line in (out / spool.SPOOL_DIR / spool.SPOOL_FILE).read_text().splitlines()]
+    assert {r["kind"] for r in pending} == {"metrics", "image"}
+
+    # The server is back: the next command marks the orphaned run FAILED; the resume uploads it all.
+    server.start()
+    resumed = subprocess.run([sys.executable, "-m", "seg_mlops.cli", "train", "--resume", run_id], env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    assert f"run {run_id} was left RUNNING by dead process {proc.pid}" in resumed.stderr
+    mlflow.set_tracking_uri(server.url)
+    run = mlflow.MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and f"process {proc.pid}" in run.data.tags[lifecycle.ENDED_TAG]
+    assert_every_epoch_once(run_id, 4)
+    assert tracking.MODEL_URI_TAG in run.data.tags and "best_val_dice_coef" in run.data.metrics
+    assert not (out / spool.SPOOL_DIR).exists() and not (out / resume.STATE_DIR).exists()
