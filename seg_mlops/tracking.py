@@ -216,9 +216,15 @@ def train(cfg: Config, *, overwrite: bool = False, extra_callbacks: Sequence[ker
           run_name: str | None = None, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
           killed_by: tuple[type[BaseException], ...] = (KeyboardInterrupt,)):
     """Train inside an MLflow run: params, tags, per-epoch metrics and panels, the history files,
-    `best_<monitor>`, test-split evaluation and the model. Returns (TrainResult, run_id)."""
+    `best_<monitor>`, test-split evaluation and the model. Returns (TrainResult, run_id).
+
+    On a non-chief worker of a multi_worker run it only trains (its share of every step) and
+    returns (TrainResult, None): no MLflow run, so the chief's run is the only one."""
     from seg_mlops import evaluate, losses
     from seg_mlops import train as train_mod
+
+    if not train_mod.is_chief(cfg):
+        return train_mod.train(cfg, overwrite=overwrite, extra_callbacks=list(extra_callbacks)), None
 
     with start_run(cfg, run_name=run_name, parent_run_id=parent_run_id, tags={**run_tags(cfg), **(tags or {})},
                    killed_by=killed_by) as run:
