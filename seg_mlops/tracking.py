@@ -233,6 +233,8 @@ def train(cfg: Config, *, overwrite: bool = False, extra_callbacks: Sequence[ker
         values = result.history[cfg.train.monitor]
         best = (min if losses.monitor_mode(cfg.train.monitor) == "min" else max)(values)
         mlflow.log_metric(f"best_{cfg.train.monitor}", best)
+        mlflow.set_tags({"seg_mlops.replicas": str(result.replicas),
+                         "seg_mlops.global_batch_size": str(result.replicas * cfg.train.batch_size)})
         mlflow.log_text(config_mod.to_yaml(cfg), "config.yaml")
         log_artifacts(result.output_dir, ["train_losses.csv", "train_losses.png",
                                           "train_metrics.csv", "train_metrics.png"])

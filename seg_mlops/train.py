@@ -44,6 +44,7 @@ class TrainResult:
     history: dict[str, list[float]]
     model: keras.Model  # with the best weights restored
     epoch_inference: EpochInference | None
+    replicas: int = 1  # devices that trained in sync (all workers); global batch = batch_size x this
 
 
 def compile_model(model: keras.Model, cfg: Config) -> list[str]:
@@ -259,7 +260,8 @@ def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = 
             model.save(out / MODEL_FILE)  # the checkpoint too: float32, loadable without the strategy
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
-    return TrainResult(out, out / MODEL_FILE, history.history, model, inference)
+    return TrainResult(out, out / MODEL_FILE, history.history, model, inference,
+                       distribution.num_replicas_in_sync)
 
 
 @contextlib.contextmanager
