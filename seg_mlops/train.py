@@ -254,7 +254,7 @@ def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = 
                             shuffle=False)  # the dataset shuffles itself (seeded)
     if not cfg.train.patience and (out / MODEL_FILE).exists():
         model.load_weights(out / MODEL_FILE)  # no EarlyStopping to restore the best weights
-    if distribution is not _default_strategy() or cfg.train.mixed_precision != "float32":
+    if cfg.train.distribute != "none" or cfg.train.mixed_precision != "float32":
         model = plain_copy(model, cfg)
         if chief and (out / MODEL_FILE).exists():
             model.save(out / MODEL_FILE)  # the checkpoint too: float32, loadable without the strategy
@@ -298,8 +298,3 @@ def _keras_multi_worker_fixes(model: keras.Model, active: bool) -> Iterator[None
         tf_trainer.reduce_per_replica = original
         model._distribute_strategy = pinned
 
-
-def _default_strategy():
-    import tensorflow as tf
-
-    return tf.distribute.get_strategy()
