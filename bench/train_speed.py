@@ -50,6 +50,18 @@ def data_dir() -> Path:
     return path.resolve()
 
 
+def cpu_name() -> str:
+    """The CPU model and whether it has the bfloat16 instructions mixed_bfloat16 can use."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} (bfloat16 instructions: {', '.join(bf16) or 'none'})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=0, help="image side (default: 512 on GPU, 128 on CPU)")
@@ -104,7 +116,7 @@ def main() -> None:
             ds = tf.data.Dataset.from_tensors((x, y)).repeat()
 
             def fit(model=model, ds=ds, batch=batch) -> float:
-                model.fit(ds, epochs=1, steps_per_epoch=args.steps, verbose=0, callbacks=[timer])
+                model.fit(ds, epochs=1, steps_per_epoch=args.steps, verbose=0, shuffle=False, callbacks=[timer])
                 return batch * args.steps / timer.seconds
             runs[(name, batch)] = fit
 
@@ -126,8 +138,12 @@ def main() -> None:
             return count / (time.perf_counter() - start)
         runs[("pipeline", batch)] = pipeline
 
-    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {'GPU: ' + tf.config.experimental.get_device_details(tf.config.list_physical_devices('GPU')[0]).get('device_name', '?') if gpu else 'CPU only: ' + platform.processor()}, "
-          f"{os.cpu_count()} cores")
+    if gpu:
+        device = "GPU: " + tf.config.experimental.get_device_details(
+            tf.config.list_physical_devices("GPU")[0]).get("device_name", "?")
+    else:
+        device = "CPU only: " + cpu_name()
+    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {device}, {os.cpu_count()} cores")
     print(f"UNet {size}x{size}, {levels} levels, base_filters 16, base_kernels 9, dilation 3: {params:,} parameters")
     print(f"pipeline: {len(pairs)} train pairs of {DATA}, {augment_note}")
     print("warming up (tracing, XLA compilation) ...", flush=True)
