@@ -4,7 +4,8 @@ the input pipeline (at full augmentation) keeps up with the model.
 One job: measure and print, side by side in one run, training images/s of the seed Pap-Smear UNet
 (configs/pap_smear.yaml: base_filters 16, base_kernels 9, dilation 3) at batch 2 and 8 in three
 precisions, and the images/s of `seg_mlops.data.make_dataset` on the real
-Herlev-PapSmear-SevereDysplastic training split with every augmentation op on. It asserts nothing.
+Herlev-PapSmear-SevereDysplastic training split with every augmentation op on (at bench/augment.py's
+"full" probabilities). It asserts nothing.
 
     python bench/train_speed.py            # GPU: 512 px, 8 levels; CPU: 128 px, 6 levels (same 4x4 bridge)
     python bench/train_speed.py --quick    # fewer steps and rounds: a smoke check
@@ -36,10 +37,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA = "Herlev-PapSmear-SevereDysplastic"
-# Every augmentation op on for every sample: the pipeline's worst case.
-FULL_AUGMENT = {f"augment.{op}": 1.0 for op in (
-    "hflip", "vflip", "rotation", "shrink", "shear", "deformation", "distortion", "grid", "barrel",
-    "pincushion", "sharpening", "brightening")}
 
 
 def data_dir() -> Path:
@@ -48,6 +45,16 @@ def data_dir() -> Path:
     if not path.is_dir():
         sys.exit(f"dataset not found: {path} (set SEG_MLOPS_REAL_DATA to the folder holding {DATA})")
     return path.resolve()
+
+
+def full_augmentation() -> dict:
+    """The one definition of "full augmentation" the benchmarks share (bench/augment.py's FULL)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_augment", Path(__file__).with_name("augment.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.FULL
 
 
 def cpu_name() -> str:
@@ -120,19 +127,16 @@ def main() -> None:
                 return batch * args.steps / timer.seconds
             runs[(name, batch)] = fit
 
-    try:
-        import seg_mlops.augment  # noqa: F401  (merged by the augmentation issue)
-        augment_note = "full augmentation (every op, probability 1)"
-        pipe_cfg = config.override(base, FULL_AUGMENT)
-    except ImportError:
-        augment_note = "NO augmentation: seg_mlops.augment is not in this tree yet"
-        pipe_cfg = base
+    full = full_augmentation()
+    pipe_cfg = config.override(base, {f"augment.{k}": v for k, v in full.items()})
+    augment_note = "full augmentation (bench/augment.py's FULL: every op, p = " + \
+        ", ".join(f"{k} {v}" for k, v in full.items() if isinstance(v, float)) + ")"
     pairs = data.split_pairs(pipe_cfg, "train")
     for batch in args.batches:
         def pipeline(batch=batch) -> float:
             # Repeated so that `steps` batches exist whatever the split size; rebuilt each round
             # so every image is decoded and augmented again (no cache).
-            ds = data.make_dataset(pairs, pipe_cfg, batch_size=batch, shuffle=True).repeat()
+            ds = data.make_dataset(pairs, pipe_cfg, batch_size=batch, shuffle=True, augment=True).repeat()
             start = time.perf_counter()
             count = sum(int(images.shape[0]) for images, _ in ds.take(args.steps))
             return count / (time.perf_counter() - start)

@@ -1,7 +1,8 @@
 """Plain Keras callbacks of ours: the reference's history CSVs/plots and epoch-inference panels.
 
 They write files and keep their latest results in attributes; they know nothing of MLflow.
-The tracking layer reads `EpochInference.panels` after each epoch to log them as images.
+The tracking layer reads `EpochInference.panels` (and `EpochTiledInference.panels`) after each
+epoch to log them as images.
 """
 
 from __future__ import annotations
@@ -9,10 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import cv2
 import keras
 import numpy as np
 
-from seg_mlops.infer import colorize, predict_probs, to_labels, write_rgb
+from seg_mlops.config import Config, TiledInferConfig
+from seg_mlops.errors import SegMlopsError
+
+from seg_mlops.infer import colorize, predict_probs, tiled_predict, to_labels, write_rgb
 
 
 class HistoryWriter(keras.callbacks.Callback):
@@ -100,12 +105,85 @@ class EpochInference(keras.callbacks.Callback):
             write_rgb(self.out_dir / f"epoch_{self.epoch:03d}_{stem}.png", self.panels[stem])
 
 
+class EpochTiledInference(keras.callbacks.Callback):
+    """After every epoch, tiled inference of a few fixed large images at full resolution (the
+    reference's epoch_change_tiledinfer), written as input | truth | prediction panels.
+
+    The panels are scaled down to at most `panel_height` px high (image by area, masks by nearest)
+    so a 2048x1536 slide gives a 1365x512 panel, not a 20 MB one per epoch; the prediction itself
+    is full size. `panels` and `epoch` as in EpochInference.
+    """
+
+    def __init__(self, images: Sequence[np.ndarray], truths: Sequence[np.ndarray | None], stems: Sequence[str],
+                 out_dir: str | Path, palette: Sequence[Sequence[int]], tiled: TiledInferConfig, *, threshold: float = 0.5,
+                 interpolation: str = "area", panel_height: int = 512):
+        super().__init__()
+        self.images, self.truths, self.stems = list(images), list(truths), list(stems)
+        self.out_dir = Path(out_dir)
+        self.palette, self.tiled, self.threshold = palette, tiled, threshold
+        self.interpolation, self.panel_height = interpolation, panel_height
+        self.panels: dict[str, np.ndarray] = {}
+        self.epoch = 0
+
+    @classmethod
+    def from_config(cls, cfg: Config, out_dir: str | Path) -> "EpochTiledInference | None":
+        """The callback on the first tiled_infer.epoch_infer_count images (sorted by name) of
+        tiled_infer.epoch_infer_images (default: the valid split) with their masks from
+        tiled_infer.epoch_infer_masks, if given; None when the count is 0."""
+        from seg_mlops import data
+
+        t = cfg.tiled_infer
+        if t.epoch_infer_count == 0:
+            return None
+        valid_images, valid_masks = cfg.split_dirs("valid")
+        images_dir = Path(t.epoch_infer_images or valid_images)
+        masks_dir = t.epoch_infer_masks or ("" if t.epoch_infer_images else str(valid_masks))
+        files = data.list_images(images_dir)[:t.epoch_infer_count]
+        masks = {p.stem: p for p in data.list_images(masks_dir)} if masks_dir else {}
+        images, truths = [], []
+        for path in files:
+            images.append(data.read_rgb(path))
+            truth = None
+            if path.stem in masks:
+                truth = data.encode_mask(data.read_mask(masks[path.stem], cfg.model.num_classes), cfg.data,
+                                         cfg.model.num_classes, str(masks[path.stem]))
+                if truth.shape != images[-1].shape[:2]:
+                    raise SegMlopsError(f"size mismatch: {path} and its mask {masks[path.stem]} "
+                                        "(tiled_infer.epoch_infer_masks)")
+            truths.append(truth)
+        return cls(images, truths, [p.stem for p in files], Path(out_dir) / "epoch_tiled_infer", cfg.palette(),
+                   t, threshold=cfg.infer.threshold, interpolation=cfg.data.image_interpolation)
+
+    def on_train_begin(self, logs=None):
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch = epoch + 1
+        self.panels = {}
+        for stem, image, truth in zip(self.stems, self.images, self.truths):
+            pred = tiled_predict(self.model, image, self.tiled, threshold=self.threshold,
+                                 interpolation=self.interpolation)
+            self.panels[stem] = panel(*self._display(image, truth, pred), self.palette)
+            write_rgb(self.out_dir / f"epoch_{self.epoch:03d}_{stem}.png", self.panels[stem])
+
+    def _display(self, image, truth, pred):
+        h, w = image.shape[:2]
+        if h <= self.panel_height:
+            return image, truth, pred
+        size = (max(1, round(w * self.panel_height / h)), self.panel_height)
+        small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        return (small, None if truth is None else cv2.resize(truth, size, interpolation=cv2.INTER_NEAREST),
+                cv2.resize(pred, size, interpolation=cv2.INTER_NEAREST))
+
+
 class PanelConsumer(keras.callbacks.Callback):
     """Base for callbacks that use the epoch-inference panels (e.g. to log them).
 
-    `train.train` sets `source` to the run's EpochInference (None when it is disabled); being
-    placed after it in the callback list, a consumer sees each epoch's panels in on_epoch_end.
+    `train.train` sets `source` to the run's EpochInference and `tiled_source` to its
+    EpochTiledInference (None when disabled); being placed after them in the callback list, a
+    consumer sees each epoch's panels in on_epoch_end.
     """
 
     source: EpochInference | None = None
+    tiled_source: EpochTiledInference | None = None
 

@@ -25,7 +25,7 @@ class _Group(click.Group):
 
 
 config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False), required=True,
-                             help="Experiment YAML (see configs/).")
+                             help="Experiment YAML (see configs/), or a reference train_eval_infer.config.")
 set_option = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
                           help="Override a config key, e.g. --set train.epochs=3 (repeatable).")
 sets_option = click.option("--sets", default="", metavar="'K=V K=V'",
@@ -147,6 +147,56 @@ def infer(config_path: str, model_path: str, overrides: tuple[str, ...], sets: s
     click.echo(f"wrote {len(written)} masks to {output}")
 
 
+@cli.command("tiled-infer")
+@config_option
+@model_option
+@set_option
+@sets_option
+@click.option("--images", type=click.Path(file_okay=False), required=True, help="Folder of large images.")
+@click.option("--output", type=click.Path(file_okay=False), required=True, help="Folder for the masks.")
+@click.option("--colorize/--no-colorize", default=None, help="Also write colour masks [config: infer.colorize].")
+@click.option("--overlay/--no-overlay", default=None, help="Also write overlays [config: infer.overlay].")
+def tiled_infer(config_path: str, model_path: str, overrides: tuple[str, ...], sets: str, images: str,
+                output: str, colorize: bool | None, overlay: bool | None) -> None:
+    """Predict masks of large images tile by tile (config: tiled_infer), at full resolution."""
+    cfg = _load(config_path, overrides, sets)
+    from seg_mlops import tracking
+    from seg_mlops.infer import tile_shape, tiled_infer_folder
+
+    model = tracking.load_model(model_path)
+    written = tiled_infer_folder(model, images, output, cfg, colorize_masks=colorize, overlays=overlay)
+    t = cfg.tiled_infer
+    height, width = tile_shape(model, t.tile_size)
+    click.echo(f"wrote {len(written)} masks to {output} ({height}x{width} px tiles, overlap {t.overlap}, "
+               f"mode {t.mode})")
+
+
+@cli.command("make-tiles")
+@click.option("--images", type=click.Path(file_okay=False), required=True, help="Folder of large images.")
+@click.option("--masks", type=click.Path(file_okay=False), required=True,
+              help="Their masks (paired by file name, same size).")
+@click.option("--tile", type=click.IntRange(1), required=True, help="Tile side in px.")
+@click.option("--output", type=click.Path(file_okay=False), required=True,
+              help="Writes OUTPUT/images and OUTPUT/masks (run once per split: OUTPUT=dataset/X/train ...).")
+@click.option("--overlap", type=click.IntRange(0), default=0, show_default=True,
+              help="Px shared by neighbouring tiles.")
+@click.option("--whole", type=click.IntRange(0), default=0, show_default=True, metavar="SIZE",
+              help="Also add each pair resized to SIZE x SIZE (<stem>_whole.png), as mixed datasets do; 0 = no.")
+@click.option("--edge", type=click.Choice(["shift", "pad", "skip"]), default="shift", show_default=True,
+              help="Border tiles: shift the last one inward (all full size), pad with black/background, "
+                   "or skip the strip.")
+@click.option("--overwrite", is_flag=True, help="Replace the images already in OUTPUT/images and OUTPUT/masks.")
+def make_tiles(images: str, masks: str, tile: int, output: str, overlap: int, whole: int, edge: str,
+               overwrite: bool) -> None:
+    """Cut large image/mask pairs into TILE x TILE pairs named <stem>_<row>x<col>.png."""
+    from seg_mlops.tiled_dataset import make_tiles as make
+
+    r = make(images, masks, output, tile=tile, overlap=overlap, whole=whole, edge=edge, overwrite=overwrite)
+    click.echo(f"wrote {r.tiles} tile pairs" + (f" and {r.wholes} whole pairs" if r.wholes else "")
+               + f" from {r.pairs} pairs to {output}/images and {output}/masks"
+               + (f"; {r.skipped} pairs smaller than one tile gave none" if r.skipped else ""))
+
+
 @cli.command()
 @config_option
 @set_option
@@ -247,6 +297,23 @@ def demo(config_path: str, overrides: tuple[str, ...], sets: str) -> None:
                            threshold=cfg.infer.threshold, colorize_masks=True, overlays=True)
     click.echo(f"wrote {len(written)} masks to {result.output_dir / 'infer'}")
     click.echo("browse the runs: seg-mlops ui  (then http://127.0.0.1:5000)")
+
+
+@cli.command("convert-config")
+@click.argument("legacy_config", type=click.Path(dir_okay=False))
+@click.option("--relative-to", type=click.Path(file_okay=False), default=None,
+              help="Write paths relative to this folder (where the YAML will live, e.g. configs) "
+                   "[default: absolute paths].")
+def convert_config(legacy_config: str, relative_to: str | None) -> None:
+    """Print our YAML for a reference train_eval_infer.config; notes go to stderr.
+
+    Unknown, malformed or unsupported keys are errors naming file:line [section] key.
+    """
+    from seg_mlops import legacy
+
+    conversion = legacy.convert(legacy_config)
+    legacy.report(conversion.notes)
+    click.echo(legacy.to_yaml(conversion, relative_to), nl=False)
 
 
 @cli.command()

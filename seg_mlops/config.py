@@ -353,8 +353,42 @@ def _validate(cfg: Config) -> Config:
                             "set model.num_classes to the number of colours, or remove data.rgb_map")
     if m.base_kernels % 2 == 0:
         raise SegMlopsError(f"model.base_kernels={m.base_kernels}: must be odd")
+    _validate_augment(cfg.augment)
     _validate_space(cfg.tune.space)
     return cfg
+
+
+# Each augmentation list, the op whose probability uses it, and what its entries must be.
+_AUGMENT_LISTS = {"angles": "rotation", "shrinks": "shrink", "shears": "shear",
+                  "deformation_sigmas": "deformation", "distortions": "distortion",
+                  "barrel_centers": "barrel", "pincushion_centers": "pincushion"}
+
+
+def _validate_augment(a: AugmentConfig) -> None:
+    """An op that can fire needs a value to draw; entries must make a valid warp."""
+    for key, op in _AUGMENT_LISTS.items():
+        if getattr(a, op) > 0 and not getattr(a, key):
+            raise SegMlopsError(f"augment.{key} is empty but augment.{op}={getattr(a, op)}: "
+                                f"give at least one value, or set augment.{op}: 0")
+    for s in a.shrinks:
+        if s <= 0:
+            raise SegMlopsError(f"augment.shrinks has {s}: scales must be > 0 (0.8 = 80 % of the size)")
+    for s in a.deformation_sigmas:
+        if s <= 0:
+            raise SegMlopsError(f"augment.deformation_sigmas has {s}: sigmas must be > 0 (pixels)")
+    if a.distortion > 0 and a.distortion_sigma <= 0:
+        raise SegMlopsError(f"augment.distortion_sigma={a.distortion_sigma}: must be > 0 (pixels)")
+    for d in a.distortions:
+        if d < 0:
+            raise SegMlopsError(f"augment.distortions has {d}: displacements must be >= 0 (fraction of the size)")
+    for op in ("barrel", "pincushion"):
+        if getattr(a, op) > 0 and getattr(a, f"{op}_radius") <= 0:
+            raise SegMlopsError(f"augment.{op}_radius={getattr(a, f'{op}_radius')}: must be > 0 "
+                                f"(fraction of the width) when augment.{op} > 0")
+        for centre in getattr(a, f"{op}_centers"):
+            if len(centre) != 2 or not all(0 <= c <= 1 for c in centre):
+                raise SegMlopsError(f"augment.{op}_centers entry {list(centre)}: expected an [x, y] pair "
+                                    "of fractions of the width and height, 0..1")
 
 
 def _validate_space(space: Mapping[str, Any]) -> None:
@@ -392,11 +426,15 @@ def _validate_space(space: Mapping[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------- public API
 
+LEGACY_SUFFIXES = (".config", ".ini")  # the reference's train_eval_infer.config (seg_mlops.legacy)
+
 def load(path: str | Path | None = None, overrides: Iterable[str] | Mapping[str, Any] = ()) -> Config:
     """Read a YAML config (None: all defaults) and apply overrides.
 
     Args:
-        path: the YAML file; relative paths inside it are relative to its folder.
+        path: the YAML file; relative paths inside it are relative to its folder. A `.config` or
+            `.ini` file is read as the reference's train_eval_infer.config (seg_mlops.legacy),
+            its notes printed to stderr.
         overrides: `section.key=value` strings (as given to `--set`; values parsed as YAML,
             paths relative to the working directory) or a flat `{section.key: value}` mapping.
     """
@@ -406,6 +444,12 @@ def load(path: str | Path | None = None, overrides: Iterable[str] | Mapping[str,
         path = Path(path)
         if not path.is_file():
             raise SegMlopsError(f"config file not found: {path}")
+        if path.suffix.lower() in LEGACY_SUFFIXES:
+            from seg_mlops import legacy  # lazy: legacy imports this module
+
+            conversion = legacy.convert(path)  # the reference's INI, mapped; paths already absolute
+            legacy.report(conversion.notes)
+            return _validate(_apply(_build(Config, conversion.raw, "", None), overrides))
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:

@@ -18,6 +18,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from seg_mlops import augment as augment_mod
 from seg_mlops.config import Config, DataConfig
 from seg_mlops.errors import SegMlopsError
 
@@ -150,9 +151,11 @@ def encode_mask(mask: np.ndarray, data: DataConfig, num_classes: int, name: str 
         return (brightest >= data.mask_threshold).astype(np.uint8)
     colours = np.asarray(data.rgb_map, dtype=np.float32)  # (K, 3)
     # Squared distance of each pixel to each class colour, computed on the unique colours only:
-    # masks hold few distinct colours, so this is cheap even for 1024x1024 masks.
-    flat = mask.reshape(-1, 3)
-    unique, inverse = np.unique(flat, axis=0, return_inverse=True)
+    # masks hold few distinct colours. Colours are packed into one integer first: a 1-D unique
+    # is ~7x faster than np.unique(axis=0) on rows (1.3 s -> 0.2 s for a 512 px RGB mask).
+    flat = mask.reshape(-1, 3).astype(np.uint32)
+    packed, inverse = np.unique((flat[:, 0] << 16) | (flat[:, 1] << 8) | flat[:, 2], return_inverse=True)
+    unique = np.stack([packed >> 16, (packed >> 8) & 255, packed & 255], axis=1).astype(np.uint8)
     dist = ((unique[:, None, :].astype(np.float32) - colours[None]) ** 2).sum(axis=2)
     nearest = dist.argmin(axis=1)
     far = np.sqrt(dist.min(axis=1)) > data.color_tolerance
@@ -201,7 +204,8 @@ def validate(pairs: Sequence[Pair], cfg: Config, workers: int = 4) -> np.ndarray
 
 # ----------------------------------------------------------------------------- tf.data
 
-def make_dataset(pairs: Sequence[Pair], cfg: Config, *, batch_size: int, shuffle: bool):
+def make_dataset(pairs: Sequence[Pair], cfg: Config, *, batch_size: int, shuffle: bool,
+                 augment: bool = False):
     """A tf.data pipeline of (float32 raw-pixel images, float32 binary/one-hot labels).
 
     Streamed (default): file names are shuffled (seeded, reshuffled every epoch) before decoding,
@@ -209,6 +213,10 @@ def make_dataset(pairs: Sequence[Pair], cfg: Config, *, batch_size: int, shuffle
     With data.cache "memory" (or "file"), the decoded and resized uint8 pairs of the first epoch
     are kept in memory (N x H x W x 4 bytes) or in a tf.data cache file, and later epochs shuffle
     those instead of decoding files again.
+
+    With augment=True (the train split only) and any cfg.augment probability above 0, every
+    decoded uint8 pair is augmented after the cache and the shuffle, so cached pairs are drawn
+    anew every epoch (seg_mlops.augment); validation, test and inference pipelines never are.
     """
     import tensorflow as tf
 
@@ -238,6 +246,8 @@ def make_dataset(pairs: Sequence[Pair], cfg: Config, *, batch_size: int, shuffle
         ds = shuffled(ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).cache(cache_file(pairs, cfg)))
     else:
         ds = shuffled(ds).map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if augment and augment_mod.enabled(cfg.augment):
+        ds = augment_mod.augment_dataset(ds, cfg.augment, cfg.seed, height, width)
     ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(distribution_options())
 
@@ -272,7 +282,7 @@ def cache_file(pairs: Sequence[Pair], cfg: Config) -> str:
 
 
 def make_datasets(cfg: Config, batch_size: int | None = None):
-    """Validated (train, valid) pipelines from the config's folders.
+    """Validated (train, valid) pipelines from the config's folders; only train is augmented.
 
     Args:
         cfg: the experiment config.
@@ -282,5 +292,5 @@ def make_datasets(cfg: Config, batch_size: int | None = None):
     train_pairs, valid_pairs = split_pairs(cfg, "train"), split_pairs(cfg, "valid")
     validate(train_pairs + valid_pairs, cfg)
     batch_size = batch_size or cfg.train.batch_size
-    return (make_dataset(train_pairs, cfg, batch_size=batch_size, shuffle=True),
+    return (make_dataset(train_pairs, cfg, batch_size=batch_size, shuffle=True, augment=True),
             make_dataset(valid_pairs, cfg, batch_size=batch_size, shuffle=False))

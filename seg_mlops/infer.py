@@ -1,5 +1,11 @@
 """Inference: predict masks for images of any size, and turn predictions into mask files.
 
+Whole-image inference resizes each image to the model's size. Tiled inference (for images much
+larger than the model, e.g. 2048x1536 slides) cuts the image into overlapping tiles
+(seg_mlops.tiling), predicts them in batches and stitches the probabilities back at full
+resolution: "average" blends overlaps with a Hann window, "context" pastes each tile's core,
+"bitwise_blending" intersects context-stitched labels with the whole-image prediction.
+
 The model's own input size decides the resize (not the config), so a model always gets what it
 was trained on. Probabilities are resized back to the original size *before* thresholding or
 argmax, which gives smooth mask edges instead of blocky upscaled labels. Masks are written as
@@ -16,6 +22,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from seg_mlops import tiling
+from seg_mlops.config import Config, TiledInferConfig
 from seg_mlops.data import list_images, read_rgb, resize_image
 from seg_mlops.errors import SegMlopsError
 
@@ -45,6 +53,13 @@ def predict_probs(model, images: Sequence[np.ndarray], interpolation: str = "are
     size = model_size(model)
     batch = np.stack([resize_image(img, size, interpolation) for img in images]).astype(np.float32)
     return np.asarray(model.predict_on_batch(batch), dtype=np.float32)
+
+
+def upsize(prob: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Probabilities (h, w, C) resized (bilinear) to (height, width, C)."""
+    if prob.shape[:2] == (height, width):
+        return prob
+    return cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR).reshape(height, width, prob.shape[-1])
 
 
 def to_labels(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
@@ -93,8 +108,7 @@ def predict_files(model, files: Iterable[Path], *, batch_size: int = 8, threshol
         images = [read_rgb(f) for f in chunk]
         probs = predict_probs(model, images, interpolation)
         for path, image, prob in zip(chunk, images, probs):
-            full = cv2.resize(prob, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
-            yield path, image, to_labels(full.reshape(*image.shape[:2], prob.shape[-1]), threshold)
+            yield path, image, to_labels(upsize(prob, *image.shape[:2]), threshold)
 
 
 def infer_folder(model, images_dir: str | Path, output_dir: str | Path, *,
@@ -103,21 +117,147 @@ def infer_folder(model, images_dir: str | Path, output_dir: str | Path, *,
                  interpolation: str = "area") -> list[Path]:
     """Predict every image in `images_dir` and write `<output>/<stem>.png` masks at the original
     size, plus `<output>/colorized/` and `<output>/overlay/` when asked. Returns the mask paths."""
+    output_dir = _prepare_output(output_dir, colorize_masks, overlays)
+    binary = model.output_shape[-1] == 1
+    written = []
+    for path, image, labels in predict_files(model, list_images(images_dir), batch_size=batch_size,
+                                             threshold=threshold, interpolation=interpolation):
+        written.append(write_outputs(output_dir, path.stem, image, labels, palette, binary,
+                                     colorize_masks, overlays, alpha))
+    return written
+
+
+def write_outputs(output_dir: Path, stem: str, image: np.ndarray, labels: np.ndarray,
+                  palette: Sequence[Sequence[int]], binary: bool, colorize_masks: bool, overlays: bool,
+                  alpha: float) -> Path:
+    """Write `<output>/<stem>.png` (and the colorized/overlay copies when asked); returns the mask
+    path. The colorized/ and overlay/ folders must exist when asked for."""
+    mask_path = output_dir / f"{stem}.png"
+    write_mask(mask_path, labels, palette, binary)
+    if colorize_masks:
+        write_rgb(output_dir / "colorized" / f"{stem}.png", colorize(labels, palette))
+    if overlays:
+        write_rgb(output_dir / "overlay" / f"{stem}.png", overlay(image, labels, palette, alpha))
+    return mask_path
+
+
+def _prepare_output(output_dir: str | Path, colorize_masks: bool, overlays: bool) -> Path:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if colorize_masks:
         (output_dir / "colorized").mkdir(exist_ok=True)
     if overlays:
         (output_dir / "overlay").mkdir(exist_ok=True)
+    return output_dir
+
+
+# ----------------------------------------------------------------------------- tiled inference
+
+def tile_shape(model, tile_size: int = 0) -> tuple[int, int]:
+    """(h, w) of a tile in image px: the model's input size for tile_size 0, else tile_size for
+    the height and the width that keeps the model's aspect ratio (tile_size x tile_size for the
+    usual square models); tiles are resized to the model's size before prediction."""
+    mh, mw = model_size(model)
+    if tile_size == 0:
+        return mh, mw
+    return tile_size, max(1, round(tile_size * mw / mh))
+
+
+def tiled_probs(model, image: np.ndarray, *, tile_size: int = 0, overlap: int = 64, mode: str = "average",
+                batch_size: int = 8, interpolation: str = "area") -> np.ndarray:
+    """Probabilities (H, W, C) float32 for an RGB uint8 image of any size, from overlapping tiles.
+
+    Args:
+        model: a Keras model taking (N, h, w, 3) raw pixels.
+        image: RGB uint8 (H, W, 3).
+        tile_size: px of the image per tile (0 = the model's input size: no resizing).
+        overlap: px each tile reaches into its neighbours' cores (neighbours share 2 * overlap px).
+        mode: "average" (overlaps blended with a Hann window, normalised by the summed weights) or
+            "context" (each pixel taken from the one tile whose core holds it).
+        batch_size: tiles per `model.predict_on_batch` call.
+        interpolation: how tiles are resized to the model's size (probabilities come back bilinear).
+    """
+    if mode not in ("average", "context"):
+        raise ValueError(f"mode={mode!r}: expected average or context")
+    th, tw = tile_shape(model, tile_size)
+    mh, mw = model_size(model)
+    height, width = image.shape[:2]
+    grid = tiling.overlap_grid(height, width, (th, tw), overlap)
+    source = tiling.pad_to(image, *grid.padded)  # only images smaller than a tile grow
+    # One float32 canvas for the whole image (plus one weight plane for "average"), never one per
+    # tile: 2048x1536x1 is 12 MB.
+    canvas = np.zeros((*grid.padded, model.output_shape[-1]), np.float32)
+    if mode == "average":
+        win = tiling.window(th, tw)
+        weights = np.zeros(grid.padded, np.float32)
+    tiles = list(grid)
+    batch = np.empty((min(batch_size, len(tiles)), mh, mw, 3), np.float32)
+    for start in range(0, len(tiles), batch_size):
+        chunk = tiles[start:start + batch_size]
+        for i, t in enumerate(chunk):
+            batch[i] = resize_image(source[t.y:t.y + th, t.x:t.x + tw], (mh, mw), interpolation)
+        probs = np.asarray(model.predict_on_batch(batch[:len(chunk)]), dtype=np.float32)
+        for t, prob in zip(chunk, probs):
+            prob = upsize(prob, th, tw)
+            if mode == "average":
+                canvas[t.y:t.y + th, t.x:t.x + tw] += prob * win[..., None]
+                weights[t.y:t.y + th, t.x:t.x + tw] += win
+            else:
+                canvas[t.cy0:t.cy1, t.cx0:t.cx1] = prob[t.cy0 - t.y:t.cy1 - t.y, t.cx0 - t.x:t.cx1 - t.x]
+    if mode == "average":
+        canvas /= weights[..., None]
+    return canvas[:height, :width]
+
+
+def tiled_predict(model, image: np.ndarray, tiled: TiledInferConfig, *, threshold: float = 0.5,
+                  interpolation: str = "area") -> np.ndarray:
+    """uint8 labels (H, W) of an RGB image of any size by tiled inference.
+
+    Probabilities are blended in float and thresholded (binary) or argmax'ed (multiclass) once,
+    at the end. "bitwise_blending" keeps a pixel's context-stitched label only where the
+    whole-image prediction (image resized to the model, probabilities resized back) gives the
+    same label, else background: for binary masks, the intersection of the two masks.
+
+    Args:
+        model: a Keras model taking (N, h, w, 3) raw pixels.
+        image: RGB uint8 (H, W, 3).
+        tiled: tile_size, overlap, mode and batch_size (the config's tiled_infer section).
+        threshold: binary foreground threshold on the probability.
+        interpolation: image resizing (tiles and whole image) to the model's size.
+    """
+    stitch = "context" if tiled.mode == "bitwise_blending" else tiled.mode
+    probs = tiled_probs(model, image, tile_size=tiled.tile_size, overlap=tiled.overlap, mode=stitch,
+                        batch_size=tiled.batch_size, interpolation=interpolation)
+    labels = to_labels(probs, threshold)
+    if tiled.mode == "bitwise_blending":
+        whole = to_labels(upsize(predict_probs(model, [image], interpolation)[0], *image.shape[:2]), threshold)
+        labels = np.where(labels == whole, labels, 0).astype(np.uint8)
+    return labels
+
+
+def tiled_infer_folder(model, images_dir: str | Path, output_dir: str | Path, cfg: Config, *,
+                       colorize_masks: bool | None = None, overlays: bool | None = None) -> list[Path]:
+    """Tiled inference of every image in `images_dir`: `<output>/<stem>.png` masks at the original
+    size (as infer_folder writes them), plus colorized/ and overlay/ copies when asked.
+
+    Args:
+        model: a Keras model taking (N, h, w, 3) raw pixels.
+        images_dir: folder of images of any size.
+        output_dir: folder for the masks (created).
+        cfg: tiled_infer (tiles), infer (threshold, colorize, overlay, alpha), data
+            (image_interpolation) and the palette.
+        colorize_masks, overlays: override infer.colorize / infer.overlay when not None.
+    """
+    colorize_masks = cfg.infer.colorize if colorize_masks is None else colorize_masks
+    overlays = cfg.infer.overlay if overlays is None else overlays
+    output_dir = _prepare_output(output_dir, colorize_masks, overlays)
     binary = model.output_shape[-1] == 1
+    palette = cfg.palette()
     written = []
-    for path, image, labels in predict_files(model, list_images(images_dir), batch_size=batch_size,
-                                             threshold=threshold, interpolation=interpolation):
-        mask_path = output_dir / f"{path.stem}.png"
-        write_mask(mask_path, labels, palette, binary)
-        if colorize_masks:
-            write_rgb(output_dir / "colorized" / f"{path.stem}.png", colorize(labels, palette))
-        if overlays:
-            write_rgb(output_dir / "overlay" / f"{path.stem}.png", overlay(image, labels, palette, alpha))
-        written.append(mask_path)
+    for path in list_images(images_dir):
+        image = read_rgb(path)
+        labels = tiled_predict(model, image, cfg.tiled_infer, threshold=cfg.infer.threshold,
+                               interpolation=cfg.data.image_interpolation)
+        written.append(write_outputs(output_dir, path.stem, image, labels, palette, binary,
+                                     colorize_masks, overlays, cfg.infer.overlay_alpha))
     return written

@@ -140,7 +140,8 @@ def log_params_once(params: dict[str, object]) -> None:
 
 class MLflowLogger(PanelConsumer):
     """Per epoch: Keras' metrics, the learning rate and epoch_seconds at step=epoch, and the
-    epoch-inference panels as `epoch_infer/<stem>` images (the UI's step slider shows them evolve)."""
+    epoch-inference panels as `epoch_infer/<stem>` images (the UI's step slider shows them evolve),
+    and the tiled ones as `epoch_tiled_infer/<stem>`."""
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
@@ -152,9 +153,10 @@ class MLflowLogger(PanelConsumer):
         metrics.pop("learning_rate", None)  # logged as lr: one name per concept
         # Asynchronous: the writes/uploads overlap the next epoch (end_run flushes them).
         mlflow.log_metrics(metrics, step=epoch, synchronous=False)
-        if self.source is not None:
-            for stem, panel in self.source.panels.items():
-                mlflow.log_image(panel, key=f"epoch_infer/{stem}", step=epoch, synchronous=False)
+        for prefix, source in (("epoch_infer", self.source), ("epoch_tiled_infer", self.tiled_source)):
+            if source is not None:
+                for stem, panel in source.panels.items():
+                    mlflow.log_image(panel, key=f"{prefix}/{stem}", step=epoch, synchronous=False)
 
 
 # ----------------------------------------------------------------------------- the model

@@ -28,7 +28,7 @@ import numpy as np
 
 from seg_mlops import config as config_mod
 from seg_mlops import data, losses
-from seg_mlops.callbacks import EpochInference, HistoryWriter, PanelConsumer
+from seg_mlops.callbacks import EpochInference, EpochTiledInference, HistoryWriter, PanelConsumer
 from seg_mlops.config import Config
 from seg_mlops.errors import SegMlopsError
 from seg_mlops.model import build_unet
@@ -245,9 +245,13 @@ def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = 
     inference = epoch_inference(cfg, out)
     if inference is not None:
         callbacks.append(inference)
+    tiled_inference = EpochTiledInference.from_config(cfg, out)  # the reference's epoch_change_tiledinfer
+    if tiled_inference is not None:
+        callbacks.append(tiled_inference)
     for callback in extra_callbacks:
         if isinstance(callback, PanelConsumer):
             callback.source = inference
+            callback.tiled_source = tiled_inference
     with distribution.scope(), _keras_multi_worker_fixes(model, cfg.train.distribute == "multi_worker"):
         history = model.fit(train_ds, validation_data=valid_ds, epochs=cfg.train.epochs,
                             callbacks=callbacks + list(extra_callbacks), verbose=verbose,

@@ -33,3 +33,38 @@ def test_pap_smear_dice_rises_above_untrained(tmp_path):
     assert trained["dice_foreground"] > untrained["dice_foreground"] + 0.2
     assert trained["dice_foreground"] > 0.5
     assert max(result.history["val_dice_coef"]) > result.history["val_dice_coef"][0]
+
+
+def test_drosophila_five_classes_each_get_a_dice_and_training_beats_untrained(tmp_path):
+    """Multiclass real data: 5-class EM (74/17/3/5/0.6 % of pixels), trained briefly at 64 px."""
+    root = real_data("Drosophila-VNC-ssTEM-5class")  # 14/3/3 slices, 1024 px grey, RGB masks
+    from tests.conftest import REPO
+
+    cfg = config.load(REPO / "configs" / "drosophila.yaml", [
+        f"data.root={root}", f"train.output_dir={tmp_path / 'out'}", "model.image_height=64",
+        "model.image_width=64", "model.base_filters=8", "model.num_layers=3", "model.base_kernels=3",
+        "model.dropout_rate=0.0", "train.batch_size=4", "train.epochs=12", "train.learning_rate=0.01",
+        "train.patience=0", "train.reducer_patience=0", "train.epoch_infer_count=1",
+        "augment.hflip=0.0", "augment.vflip=0.0", "augment.rotation=0.0"])
+    assert cfg.model.num_classes == 5 and cfg.data.rgb_map[4] == (255, 255, 0)  # synapse: yellow
+
+    import dataclasses
+
+    from seg_mlops.model import build_unet
+
+    keras.utils.set_random_seed(cfg.seed)
+    untrained = evaluate.evaluate(build_unet(**dataclasses.asdict(cfg.model)), cfg, tmp_path / "untrained")
+    result = train.train(cfg, verbose=0)
+    trained = evaluate.evaluate(result.model, cfg, tmp_path / "trained")
+
+    # one hard dice per class, for all 5 classes, in the results and in evaluation.csv
+    names = [f"dice_class{i}" for i in range(5)]
+    assert all(0.0 <= trained[n] <= 1.0 for n in names) and "dice_class5" not in trained
+    csv_names = [line.split(",")[0] for line in (tmp_path / "trained" / "evaluation.csv").read_text().split()]
+    assert set(names) <= set(csv_names)
+    mean = lambda scores: sum(scores[n] for n in names) / 5  # noqa: E731
+    print("untrained", [round(untrained[n], 3) for n in names], "-> trained", [round(trained[n], 3) for n in names])
+    # background covers 74 %: a trained net must find it, and the class mean must rise. At 64 px the
+    # thin membranes mostly vanish, so the rise is small (measured: 0.120 -> 0.174, background 0.86).
+    assert trained["dice_class0"] > 0.8
+    assert mean(trained) > mean(untrained) + 0.03
