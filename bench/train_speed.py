@@ -130,7 +130,7 @@ def main() -> None:
     full = full_augmentation()
     pipe_cfg = config.override(base, {f"augment.{k}": v for k, v in full.items()})
     augment_note = "full augmentation (bench/augment.py's FULL: every op, p = " + \
-        ", ".join(f"{k} {v}" for k, v in full.items() if isinstance(v, float)) + ")"
+        ", ".join(f"{k} {v}" for k, v in full.items() if isinstance(v, float) and "_" not in k) + ")"
     pairs = data.split_pairs(pipe_cfg, "train")
     for batch in args.batches:
         def pipeline(batch=batch) -> float:
