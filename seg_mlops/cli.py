@@ -97,6 +97,9 @@ def train(config_path: str | None, overrides: tuple[str, ...], sets: str, overwr
     result, run_id = tracking.train(cfg, overwrite=overwrite, resume_run_id=resume_run_id or None)
     values = result.history[cfg.train.monitor]
     best = (min if monitor_mode(cfg.train.monitor) == "min" else max)(values)
+    if run_id is None:  # a non-chief worker of a multi_worker run
+        click.echo(f"worker done after {len(values)} epochs; the chief logs the MLflow run and writes the model")
+        return
     click.echo(f"best {cfg.train.monitor}={best:.4f} after {len(values)} epochs; model: {result.model_path}")
     click.echo(f"MLflow run {run_id} in experiment '{cfg.experiment}' ({tracking.tracking_uri()})")
 

@@ -324,8 +324,10 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str, base: Path | None)
         if dataclasses.is_dataclass(hints[name]):
             kwargs[name] = _build(hints[name], {} if value is None else value, key + ".", base)
             continue
-        value = _coerce(key, value, hints[name])
         meta = fields[name].metadata
+        if isinstance(value, bool) and hints[name] is str and {"on", "off"} & set(meta.get("choices") or ()):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
+        value = _coerce(key, value, hints[name])
         _check(key, value, meta)
         if meta.get("path") and value and base is not None:
             value = os.path.normpath(base / os.path.expanduser(value))

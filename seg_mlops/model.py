@@ -178,7 +178,9 @@ def build_unet(
     inputs = keras.Input(shape=(image_height, image_width, 3), dtype="float32", name="image")
     # Scaling inside the model means every caller (training, eval, serving) feeds raw
     # pixels and none of them can forget or double the normalisation.
-    x = keras.layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    # float32 even under a mixed policy: 0..255 -> 0..1 is computed at full precision, and the
+    # first conv casts to the compute dtype itself.
+    x = keras.layers.Rescaling(1.0 / 255, dtype="float32", name="rescale")(inputs)
 
     skips: list[keras.KerasTensor] = []
     for i in range(num_layers):

@@ -288,9 +288,15 @@ def train(cfg: Config, *, overwrite: bool = False, extra_callbacks: Sequence[ker
         RunIncomplete: the training ended but the tracking server stayed unreachable for
             $SEG_MLOPS_SERVER_WAIT seconds: the files stay in the output folder, and
             `seg-mlops train --resume <run_id>` uploads them later.
+
+    On a non-chief worker of a multi_worker run it only trains (its share of every step) and
+    returns (TrainResult, None): no MLflow run, so the chief's run is the only one.
     """
     from seg_mlops import resume as resume_mod
     from seg_mlops import train as train_mod
+
+    if not train_mod.is_chief(cfg):
+        return train_mod.train(cfg, overwrite=overwrite, extra_callbacks=list(extra_callbacks)), None
 
     wrapper = None
     if resume_run_id:
@@ -354,11 +360,14 @@ def finish_run(cfg: Config, result, sink: RunSink, run_id: str) -> None:
     values = result.history[cfg.train.monitor]
     best = (min if losses.monitor_mode(cfg.train.monitor) == "min" else max)(values)
     results = evaluate.evaluate(result.model, cfg, out)  # local files first: they never need the server
+    replicas = {"seg_mlops.replicas": str(result.replicas),
+                "seg_mlops.global_batch_size": str(result.replicas * cfg.train.batch_size)}
     wait = server_wait()
     deadline = time.monotonic() + wait
     steps = [
         ("epoch records", lambda: sink.flush(max(0.0, deadline - time.monotonic())) == 0 or _raise_pending(sink)),
         (f"best_{cfg.train.monitor}", lambda: mlflow.log_metric(f"best_{cfg.train.monitor}", best)),
+        ("tags", lambda: mlflow.set_tags(replicas)),
         ("config.yaml", lambda: mlflow.log_text(config_mod.to_yaml(cfg), "config.yaml")),
         ("history files", lambda: log_artifacts(out, ["train_losses.csv", "train_losses.png",
                                                       "train_metrics.csv", "train_metrics.png"])),

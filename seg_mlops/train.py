@@ -3,14 +3,25 @@
 Knows nothing of MLflow or Optuna: they join through `extra_callbacks` (the tracking layer's
 logging callback, the tuner's pruning callback). The monitored metric (`train.monitor`) is the one
 name that checkpointing, early stopping and the LR reducer share.
+
+Scale comes from TensorFlow's own engines: a tf.distribute strategy (`train.distribute`), a Keras
+mixed-precision policy (`train.mixed_precision`), XLA (`train.jit_compile`) and several batches
+per compiled step (`train.steps_per_execution`). Whatever was used to train, the returned model
+(and best_model.keras) is a plain float32 model outside any strategy: it loads and predicts
+anywhere.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import keras
 import numpy as np
@@ -24,6 +35,7 @@ from seg_mlops.errors import SegMlopsError
 from seg_mlops.model import build_unet
 
 MODEL_FILE = "best_model.keras"
+JIT_COMPILE = {"auto": "auto", "on": True, "off": False}  # train.jit_compile -> Model.compile
 
 
 @dataclass
@@ -33,21 +45,124 @@ class TrainResult:
     history: dict[str, list[float]]
     model: keras.Model  # with the best weights restored
     epoch_inference: EpochInference | None
+    replicas: int = 1  # devices that trained in sync (all workers); global batch = batch_size x this
 
 
 def compile_model(model: keras.Model, cfg: Config) -> list[str]:
     """Compile with Adam(learning_rate, clipvalue) and the task's loss/metrics; returns the
-    metric names Keras will log (and checks that train.monitor is one of them)."""
+    metric names Keras will log (and checks that train.monitor is one of them).
+
+    Call it inside the strategy's scope (the optimizer's variables live there). Under the
+    mixed_float16 policy Keras wraps the optimizer in a LossScaleOptimizer by itself (its
+    `auto_scale_loss`); bfloat16 has float32's range and needs no loss scaling.
+    """
     loss, metrics = losses.for_task(cfg.model.num_classes, cfg.train.loss, cfg.train.metrics)
     optimizer = keras.optimizers.Adam(learning_rate=cfg.train.learning_rate,
                                       clipvalue=cfg.train.clipvalue or None)
-    model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
+                  jit_compile=JIT_COMPILE[cfg.train.jit_compile],
+                  steps_per_execution=cfg.train.steps_per_execution)
     names = [m.__name__ for m in metrics]
     logged = ["loss", "val_loss"] + names + ["val_" + n for n in names]
     if cfg.train.monitor not in logged:
         raise SegMlopsError(f"train.monitor={cfg.train.monitor!r} is not a logged metric; "
                             f"choose one of {', '.join(logged)}")
     return names
+
+
+# ----------------------------------------------------------------------------- scale
+
+def is_chief(cfg: Config) -> bool:
+    """Whether this process writes outputs and logs: always, except for a non-chief worker of a
+    multi_worker run. The chief is the task of type "chief", or worker 0 when the cluster has no
+    "chief" (TensorFlow's own convention). Reads TF_CONFIG only: no TensorFlow needed.
+
+    Args:
+        cfg: the experiment config (train.distribute decides whether TF_CONFIG matters).
+    """
+    if cfg.train.distribute != "multi_worker":
+        return True
+    tf_config = _tf_config()
+    task, cluster = tf_config.get("task", {}), tf_config.get("cluster", {})
+    kind, index = task.get("type"), task.get("index", 0)
+    return kind == "chief" or (kind == "worker" and index == 0 and "chief" not in cluster)
+
+
+def _tf_config() -> dict:
+    """TF_CONFIG parsed and checked, or one clear error saying how to set it."""
+    raw = os.environ.get("TF_CONFIG", "")
+    example = ('TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+               '"task": {"type": "worker", "index": 0}}\'')
+    if not raw.strip():
+        raise SegMlopsError(f"train.distribute=multi_worker needs the TF_CONFIG environment variable on every "
+                            f"worker, e.g. {example} (index 1 on the second host)")
+    try:
+        tf_config = json.loads(raw)
+        workers = tf_config["cluster"].get("worker", []) + tf_config["cluster"].get("chief", [])
+        kind, index = tf_config["task"]["type"], int(tf_config["task"].get("index", 0))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise SegMlopsError(f"TF_CONFIG={raw!r} is not valid: expected JSON like {example}") from None
+    if kind not in ("chief", "worker") or not 0 <= index < len(tf_config["cluster"].get(kind, [])) or not workers:
+        raise SegMlopsError(f"TF_CONFIG task {tf_config['task']} is not in its cluster "
+                            f"{tf_config['cluster']}: give type chief or worker and an index below its list's length")
+    return tf_config
+
+
+def strategy(cfg: Config):
+    """The tf.distribute strategy of train.distribute.
+
+    "none": TensorFlow's default strategy (one device). "mirrored": every GPU of this machine, or
+    every logical CPU device when there is no GPU (one, unless the CPU was split with
+    tf.config.set_logical_device_configuration). "multi_worker": MultiWorkerMirroredStrategy over
+    the cluster in TF_CONFIG; it must be created before TensorFlow starts its runtime, which is
+    why train() creates it first.
+
+    Args:
+        cfg: the experiment config.
+    """
+    import tensorflow as tf
+
+    kind = cfg.train.distribute
+    if kind == "none":
+        return tf.distribute.get_strategy()
+    if kind == "mirrored":
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy(devices=[d.name for d in devices])
+    _tf_config()  # a clear error before TensorFlow's own
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+@contextlib.contextmanager
+def precision(policy: str) -> Iterator[None]:
+    """Set the Keras global dtype policy for the layers built inside, then restore the previous
+    one: the policy is global state, and later models (evaluation copies, other runs in the same
+    process) must not inherit it. Layers keep the policy they were built with.
+
+    Args:
+        policy: "float32", "mixed_float16" or "mixed_bfloat16".
+    """
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def plain_copy(model: keras.Model, cfg: Config) -> keras.Model:
+    """The same UNet and weights, float32 and outside any strategy scope. The variables of a
+    mixed-precision model are float32 already, so nothing is rounded; the copy predicts without
+    collective ops (which on a multi-worker cluster would wait for the other workers) and
+    serves on any machine.
+
+    Args:
+        model: the trained model.
+        cfg: the config it was built from.
+    """
+    with precision("float32"):
+        copy = build_unet(**dataclasses.asdict(cfg.model))
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def epoch_inference(cfg: Config, out_dir: Path) -> EpochInference | None:
@@ -107,12 +222,23 @@ def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = 
         owner: who trains (the MLflow run id), saved in the state; resuming a state saved by
             another owner is an error.
     """
+    distribution = strategy(cfg)  # first: MultiWorkerMirroredStrategy must precede the TF runtime
+    chief = is_chief(cfg)
+    scratch = None
+    if not chief:
+        # Non-chief workers write their checkpoints and files to a temporary folder, deleted at the
+        # end (TensorFlow's multi-worker pattern): only the chief writes to the output folder.
+        scratch = Path(tempfile.mkdtemp(prefix="seg-mlops-worker-"))
+        cfg = config_mod.override(cfg, {"train.output_dir": str(scratch)})
     keras.utils.set_random_seed(cfg.seed)  # Python, NumPy and TF at once (the reference's B1)
     # Cheap checks first (model shape, loss and monitor names, every data file), so bad input
     # fails in seconds and before the output folder is touched.
-    model = build_unet(**dataclasses.asdict(cfg.model))
-    metric_names = compile_model(model, cfg)
-    train_ds, valid_ds = data.make_datasets(cfg)
+    with precision(cfg.train.mixed_precision), distribution.scope():
+        model = build_unet(**dataclasses.asdict(cfg.model))
+        metric_names = compile_model(model, cfg)
+    # train.batch_size is per replica: each step takes batch_size x replicas images in all.
+    global_batch = cfg.train.batch_size * distribution.num_replicas_in_sync
+    train_ds, valid_ds = data.make_datasets(cfg, batch_size=global_batch)
     out = prepare_output(cfg, overwrite, resume)
     state = resume_mod.load_state(out) if resume else None
     if state is not None and owner and state.owner and state.owner != owner:
@@ -147,19 +273,33 @@ def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = 
     if state is not None and state.complete:
         # Fit had ended before the interruption: only the tracked end (evaluation, logging) is left.
         model.load_weights(out / MODEL_FILE)  # what EarlyStopping restores / the best checkpoint
-        return TrainResult(out, out / MODEL_FILE, resume_mod.history(state.rows), model, inference)
+        return TrainResult(out, out / MODEL_FILE, resume_mod.history(state.rows), plain_copy(model, cfg)
+                           if _converted(cfg) else model, inference, distribution.num_replicas_in_sync)
     if state is not None:
         resume_mod.restore_weights(model, out, state)
         restore_history_rows(callbacks, state.rows)
         print(f"resuming from epoch {state.epoch + 1} of {cfg.train.epochs} (state in {out / resume_mod.STATE_DIR})")
-    model.fit(train_ds, validation_data=valid_ds, epochs=cfg.train.epochs,
-              initial_epoch=state.epoch if state else 0,
-              callbacks=callbacks + list(extra_callbacks), verbose=verbose,
-              shuffle=False)  # the dataset shuffles itself (seeded)
+    with distribution.scope(), _keras_multi_worker_fixes(model, cfg.train.distribute == "multi_worker"):
+        model.fit(train_ds, validation_data=valid_ds, epochs=cfg.train.epochs,
+                  initial_epoch=state.epoch if state else 0,
+                  callbacks=callbacks + list(extra_callbacks), verbose=verbose,
+                  shuffle=False)  # the dataset shuffles itself (seeded)
     if not cfg.train.patience and (out / MODEL_FILE).exists():
         model.load_weights(out / MODEL_FILE)  # no EarlyStopping to restore the best weights
+    if _converted(cfg):
+        model = plain_copy(model, cfg)
+        if chief and (out / MODEL_FILE).exists():
+            model.save(out / MODEL_FILE)  # the checkpoint too: float32, loadable without the strategy
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
     # The history of both segments of a resumed training, from the saved rows.
-    return TrainResult(out, out / MODEL_FILE, resume_mod.history(saver.state.rows), model, inference)
+    return TrainResult(out, out / MODEL_FILE, resume_mod.history(saver.state.rows), model, inference,
+                       distribution.num_replicas_in_sync)
+
+
+def _converted(cfg: Config) -> bool:
+    """Trained under a strategy or in mixed precision: the result is re-built as a plain float32 copy."""
+    return cfg.train.distribute != "none" or cfg.train.mixed_precision != "float32"
 
 
 def restore_history_rows(callbacks: Sequence[keras.callbacks.Callback], rows: list[dict]) -> None:
@@ -167,3 +307,39 @@ def restore_history_rows(callbacks: Sequence[keras.callbacks.Callback], rows: li
     for callback in callbacks:
         if isinstance(callback, HistoryWriter):
             callback.rows = [dict(r) for r in rows]
+
+
+@contextlib.contextmanager
+def _keras_multi_worker_fixes(model: keras.Model, active: bool) -> Iterator[None]:
+    """Work around keras-team/keras#20585: Keras 3 (3.15 here) cannot fit under
+    MultiWorkerMirroredStrategy. Two places fail, both in how Keras reduces values across
+    workers, not in TensorFlow's engine:
+    1. `_maybe_symbolic_build` reduces a whole (images, masks) batch with `strategy.reduce`, which
+       the collective strategy cannot do for a tuple: the model forgets the strategy it was built
+       in (its variables were created in `strategy.scope()` already, the optimizer's are built
+       here), so Keras takes the strategy from the enclosing scope and skips that step.
+    2. `reduce_per_replica` averages the per-step scalar metrics with `axis=0`, which a scalar
+       does not have: for a multi-worker mean we reduce with `axis=None` (a plain cross-worker mean).
+    Both are undone on exit. Remove this when Keras fixes the issue.
+    """
+    if not active:
+        yield
+        return
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    original = tf_trainer.reduce_per_replica
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction in ("auto", "mean") and tf_trainer._collective_all_reduce_multi_worker(strategy):
+            return keras.tree.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
+        return original(values, strategy, reduction)
+
+    model.optimizer.build(model.trainable_variables)
+    pinned, model._distribute_strategy = model._distribute_strategy, None
+    tf_trainer.reduce_per_replica = reduce_per_replica
+    try:
+        yield
+    finally:
+        tf_trainer.reduce_per_replica = original
+        model._distribute_strategy = pinned
+

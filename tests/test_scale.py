@@ -1,0 +1,255 @@
+"""Scale on TensorFlow's engines, for real on CPU: MirroredStrategy over 2 logical CPU devices,
+a 2-process MultiWorkerMirroredStrategy cluster on 127.0.0.1, mixed precision (bfloat16 numerics
+on CPU), XLA and steps_per_execution. Strategies that must be set up before TensorFlow starts run
+in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+import yaml
+
+from seg_mlops import config, data, train, tracking
+from seg_mlops.errors import SegMlopsError
+from seg_mlops.model import build_unet
+
+from .conftest import REPO, TINY
+
+LOGGED = {"loss", "val_loss", "dice_coef", "val_dice_coef", "iou_coef", "val_iou_coef", "image_dice",
+          "val_image_dice", "lr", "epoch_seconds", "best_val_dice_coef", "test_dice_coef"}
+
+
+def python_env(tracking_store: str, **extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": tracking_store,
+            "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def runs_of(experiment: str, tracking_store: str) -> list:
+    mlflow.set_tracking_uri(tracking_store)
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+
+def image_steps(run_id: str) -> list[str]:
+    """`<stem>@<step>` of every epoch_infer image logged to the run."""
+    pngs = [a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "images") if a.path.endswith(".png")]
+    return sorted(p.split("~")[1].split("+step+")[0] + "@" + p.split("+step+")[1].split("+")[0] for p in pngs)
+
+
+# ----------------------------------------------------------------------------- no TensorFlow needed
+
+@pytest.mark.parametrize("tf_config, chief", [
+    ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}}, True),
+    ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}}, False),
+    ({"cluster": {"chief": ["c:1"], "worker": ["a:1"]}, "task": {"type": "chief", "index": 0}}, True),
+    ({"cluster": {"chief": ["c:1"], "worker": ["a:1"]}, "task": {"type": "worker", "index": 0}}, False),
+])
+def test_chief_is_tensorflows_chief(tf_config, chief, monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", json.dumps(tf_config))
+    assert train.is_chief(config.load(None, ["train.distribute=multi_worker"])) is chief
+    assert train.is_chief(config.load(None)) is True  # TF_CONFIG only matters for multi_worker
+
+
+@pytest.mark.parametrize("value, message", [
+    ("", "needs the TF_CONFIG environment variable"),
+    ("{not json", "is not valid: expected JSON like"),
+    ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}', "is not in its cluster"),
+])
+def test_bad_tf_config_is_one_clear_error(value, message, monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", value)
+    with pytest.raises(SegMlopsError, match=message):
+        train.is_chief(config.load(None, ["train.distribute=multi_worker"]))
+
+
+def test_bare_on_off_in_yaml_are_the_choices_not_booleans(tmp_path):
+    # YAML 1.1 reads `jit_compile: off` as False: the on/off keys take it as the word meant.
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {jit_compile: off}\ndata: {cache: off}\n")
+    cfg = config.load(path, ["train.jit_compile=on"])
+    assert (cfg.train.jit_compile, cfg.data.cache) == ("on", "off")
+    with pytest.raises(SegMlopsError, match="train.mixed_precision=True: expected a string"):
+        config.load(None, ["train.mixed_precision=true"])
+
+
+# ----------------------------------------------------------------------------- data
+
+def test_datasets_shard_by_data_and_take_the_global_batch(tiny_cfg):
+    import tensorflow as tf
+
+    train_ds, valid_ds = data.make_datasets(tiny_cfg(), batch_size=8)
+    for ds in (train_ds, valid_ds):
+        assert ds.options().experimental_distribute.auto_shard_policy == tf.data.experimental.AutoShardPolicy.DATA
+    # 8 train pairs in one global batch of 8 (train.batch_size=4 x 2 replicas); 4 valid pairs.
+    assert [int(x.shape[0]) for x, _ in train_ds] == [8]
+    assert [int(x.shape[0]) for x, _ in valid_ds] == [4]
+
+
+# ----------------------------------------------------------------------------- mixed precision
+
+def test_bfloat16_model_dtypes_and_numerics():
+    kwargs = dict(image_height=32, image_width=32, base_filters=4, num_layers=3, dropout_rate=0.0)
+    with train.precision("mixed_bfloat16"):
+        mixed = build_unet(**kwargs)
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored for everyone else
+    conv = mixed.get_layer("enc0_conv1")
+    assert (conv.compute_dtype, conv.variable_dtype) == ("bfloat16", "float32")  # float32 master weights
+    for name in ("rescale", "head"):
+        assert mixed.get_layer(name).compute_dtype == "float32"
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    out = mixed.predict_on_batch(x)
+    assert out.dtype == np.float32 and out.shape == (2, 32, 32, 1)
+    # The same weights computed in float32: bfloat16 keeps 8 bits of mantissa (relative error
+    # ~0.4 % per rounding), so probabilities agree to a few 1e-3, far below any threshold's margin.
+    reference = build_unet(**kwargs)
+    reference.set_weights(mixed.get_weights())
+    diff = np.abs(out - reference.predict_on_batch(x))
+    assert 0 < diff.max() < 0.02, diff.max()
+
+
+def test_mixed_float16_gets_keras_loss_scaling(tiny_cfg):
+    cfg = tiny_cfg("train.mixed_precision=mixed_float16")
+    with train.precision(cfg.train.mixed_precision):
+        model = build_unet(image_height=32, image_width=32, base_filters=4, num_layers=3)
+    train.compile_model(model, cfg)
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert model.optimizer.inner_optimizer.clipvalue == 0.5  # train.clipvalue still applies
+
+
+def test_bfloat16_training_logs_a_float32_model(tiny_cfg, tracking_store):
+    cfg = config.override(tiny_cfg("train.mixed_precision=mixed_bfloat16", "train.epochs=1"),
+                          {"experiment": "scale-bf16"})
+    result, run_id = tracking.train(cfg)
+    assert np.isfinite(result.history["loss"]).all() and np.isfinite(result.history["val_loss"]).all()
+    # The returned model, the checkpoint and the logged model compute in float32.
+    assert result.model.get_layer("enc0_conv1").compute_dtype == "float32"
+    reloaded = keras.models.load_model(result.model_path, compile=False)
+    assert reloaded.get_layer("enc0_conv1").compute_dtype == "float32"
+    logged = mlflow.pyfunc.load_model(mlflow.get_run(run_id).data.tags[tracking.MODEL_URI_TAG])
+    x = np.full((2, 32, 32, 3), 128, np.float32)  # raw pixels
+    out = np.asarray(logged.predict(x))
+    assert out.dtype == np.float32 and out.shape == (2, 32, 32, 1)
+    np.testing.assert_allclose(out, result.model.predict_on_batch(x), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- XLA, steps per execution
+
+def test_jit_compile_and_steps_per_execution(tiny_cfg, tmp_path):
+    def fit(*overrides: str):
+        keras.backend.clear_session()
+        cfg = tiny_cfg("train.epoch_infer_count=0", f"train.output_dir={tmp_path / '_'.join(overrides)}",
+                       *overrides)
+        return train.train(cfg, verbose=0)
+
+    base = fit("train.jit_compile=off")
+    xla = fit("train.jit_compile=on")
+    grouped = fit("train.jit_compile=off", "train.steps_per_execution=2")
+    assert (base.model.jit_compile, xla.model.jit_compile) == (False, True)
+    assert grouped.model.steps_per_execution == 2
+    for result in (base, xla, grouped):
+        assert set(result.history) == set(base.history)
+        assert all(len(v) == 2 and np.isfinite(v).all() for v in result.history.values())
+    # 8 pairs in 2 batches per epoch: 2 steps per execution run the same 2 updates in one call,
+    # so the numbers match; XLA fuses ops differently, so only to float tolerance.
+    np.testing.assert_allclose(grouped.history["loss"], base.history["loss"], rtol=1e-4)
+    np.testing.assert_allclose(xla.history["loss"], base.history["loss"], rtol=1e-2)
+
+
+# ----------------------------------------------------------------------------- strategies (subprocesses)
+
+MIRRORED = """
+import sys
+import tensorflow as tf
+# Two logical CPU devices: must be set before TensorFlow initialises its devices.
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+from seg_mlops import config, tracking
+for distribute in ("none", "mirrored"):
+    cfg = config.load(sys.argv[1], [f"train.distribute={distribute}", f"train.output_dir={sys.argv[2]}/{distribute}"])
+    result, run_id = tracking.train(cfg)
+    print("RUN", distribute, run_id, result.replicas)
+"""
+
+
+@pytest.fixture
+def tiny_yaml(binary_root, tmp_path):
+    def write(experiment: str, *overrides: str) -> Path:
+        flat = config.parse_overrides([*TINY, "train.epochs=1", f"data.root={binary_root}",
+                                       f"train.output_dir={tmp_path / 'out'}", *overrides])
+        nested: dict = {"experiment": experiment}
+        for key, value in flat.items():
+            section, name = key.split(".")
+            nested.setdefault(section, {})[name] = value
+        path = tmp_path / f"{experiment}.yaml"
+        path.write_text(yaml.safe_dump(nested))
+        return path
+    return write
+
+
+def test_mirrored_over_two_logical_cpus_logs_like_a_plain_run(tiny_yaml, tmp_path, tracking_store):
+    path = tiny_yaml("scale-mirrored", "train.epochs=2")
+    proc = subprocess.run([sys.executable, "-c", MIRRORED, str(path), str(tmp_path)], capture_output=True,
+                          text=True, timeout=600, env=python_env(tracking_store), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {line.split()[1]: (line.split()[2], int(line.split()[3]))
+            for line in proc.stdout.splitlines() if line.startswith("RUN ")}
+    assert runs["none"][1] == 1 and runs["mirrored"][1] == 2
+    client = mlflow.MlflowClient(tracking_store)
+    plain, mirrored = (client.get_run(runs[k][0]) for k in ("none", "mirrored"))
+    assert mirrored.info.status == "FINISHED"
+    assert set(mirrored.data.metrics) == set(plain.data.metrics) and LOGGED <= set(mirrored.data.metrics)
+    assert mirrored.data.tags["seg_mlops.global_batch_size"] == "8"  # 4 per replica x 2
+    for name in ("loss", "val_dice_coef", "lr"):
+        assert [m.step for m in client.get_metric_history(mirrored.info.run_id, name)] == [0, 1]
+    # One set of panels per epoch (2 images x 2 epochs), exactly as the plain run.
+    expected = sorted(f"cell_000{i}@{e}" for i in range(2) for e in range(2))
+    assert image_steps(mirrored.info.run_id) == image_steps(plain.info.run_id) == expected
+
+
+def test_multi_worker_two_processes_one_chief_run(tiny_yaml, tmp_path, tracking_store):
+    experiment = "scale-multi-worker"
+    path = tiny_yaml(experiment, "train.distribute=multi_worker")
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
+    procs = []
+    for index in range(2):
+        env = python_env(tracking_store, TF_CONFIG=json.dumps({"cluster": cluster,
+                                                               "task": {"type": "worker", "index": index}}))
+        procs.append(subprocess.Popen([sys.executable, "-m", "seg_mlops.cli", "train", "--config", str(path)],
+                                      env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, start_new_session=True))
+    try:
+        outputs = [p.communicate(timeout=540) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    assert "MLflow run" in outputs[0][0] and "worker done after 1 epochs" in outputs[1][0]
+    runs = runs_of(experiment, tracking_store)
+    assert len(runs) == 1  # the chief's only
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["seg_mlops.replicas"] == "2"
+    assert LOGGED <= set(run.data.metrics)
+    assert image_steps(run.info.run_id) == ["cell_0000@0", "cell_0001@0"]
+    # Only the chief writes the output folder; the worker's temporary folder is gone.
+    out = tmp_path / "out"
+    assert (out / "best_model.keras").is_file() and len(list((out / "epoch_infer").glob("*.png"))) == 2
