@@ -222,12 +222,12 @@ def train(cfg: Config, *, overwrite: bool = False, extra_callbacks: Sequence[ker
 
     with start_run(cfg, run_name=run_name, parent_run_id=parent_run_id, tags={**run_tags(cfg), **(tags or {})},
                    killed_by=killed_by) as run:
-        log_params_once(config_mod.flatten(cfg))
+        log_params_once(config_mod.flatten(config_mod.public(cfg)))  # no storage password
         result = train_mod.train(cfg, overwrite=overwrite, extra_callbacks=[MLflowLogger(), *extra_callbacks])
         values = result.history[cfg.train.monitor]
         best = (min if losses.monitor_mode(cfg.train.monitor) == "min" else max)(values)
         mlflow.log_metric(f"best_{cfg.train.monitor}", best)
-        mlflow.log_text(config_mod.to_yaml(cfg), "config.yaml")
+        mlflow.log_text(config_mod.to_yaml(config_mod.public(cfg)), "config.yaml")
         log_artifacts(result.output_dir, ["train_losses.csv", "train_losses.png",
                                           "train_metrics.csv", "train_metrics.png"])
         log_evaluation(evaluate.evaluate(result.model, cfg, result.output_dir), result.output_dir)

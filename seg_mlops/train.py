@@ -82,7 +82,7 @@ def prepare_output(cfg: Config, overwrite: bool) -> Path:
         raise SegMlopsError(f"{out} already holds a trained model; pass --overwrite to replace its files "
                             f"or choose another folder with --set train.output_dir=...")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(config_mod.to_yaml(cfg))
+    (out / "config.yaml").write_text(config_mod.to_yaml(config_mod.public(cfg)))  # no storage password
     return out
 
 
