@@ -147,8 +147,16 @@ def load_study(cfg: Config) -> optuna.Study:
     try:
         study = optuna.create_study(study_name=cfg.experiment, storage=make_storage(cfg),
                                     pruner=make_pruner(cfg), direction=direction, load_if_exists=True)
-    except ValueError as exc:  # e.g. the stored study has another direction
+    except ValueError as exc:  # e.g. a stored multi-objective study
         raise SegMlopsError(f"study '{cfg.experiment}' in {redact(storage_url(cfg))}: {exc}") from None
+    # load_if_exists ignores `direction`: a study made for another train.monitor would rank this
+    # config's values backwards (best = worst) without a word.
+    stored = study.direction.name.lower()
+    if stored != direction:
+        raise SegMlopsError(
+            f"study '{cfg.experiment}' in {redact(storage_url(cfg))} was made to {stored} its metric, but "
+            f"train.monitor={cfg.train.monitor} must be {direction}d; use the monitor the study was made "
+            "with, or start a new study with --set experiment=<new name>")
     # Seeded from the config's seed, the trials already there and this process: a relaunch or a
     # second worker seeded with cfg.seed alone would replay the same startup trials.
     seed = int(np.random.SeedSequence([cfg.seed, len(study.trials), os.getpid()]).generate_state(1)[0])

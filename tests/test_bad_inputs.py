@@ -284,7 +284,8 @@ CASES = [
          "mongodb://127.0.0.1/optuna"),
     Case("incompatible_space", "resumed study, search space changed incompatibly", _incompatible_space,
          "train.learning_rate"),
-    Case("other_direction", "resumed study, monitor of the other direction", _other_direction, "direction"),
+    Case("other_direction", "resumed study, monitor of the other direction", _other_direction,
+         "train.monitor=val_loss"),
     Case("bad_tracking_server", "MLFLOW_TRACKING_URI server unreachable", _bad_tracking_server,
          "http://127.0.0.1:9", env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}),
 ]
