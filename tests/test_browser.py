@@ -21,7 +21,8 @@ import yaml
 
 from seg_mlops import data, tracking
 from tests.conftest import REPO
-from tests.test_mlflow import free_port, serve, venv_env
+from tests.test_concurrency import server
+from tests.test_mlflow import free_port, venv_env
 
 ARTIFACTS = REPO / "outputs" / "test-artifacts"
 WAIT = 90  # seconds a page may take to render on a loaded CI machine
@@ -70,7 +71,9 @@ def page_text(driver, url: str, *expected: str) -> str:
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver.get(url)
-    body = lambda d: d.execute_script("return document.body ? document.body.innerText : ''")  # noqa: E731
+    def body(d) -> str:  # whitespace collapsed: innerText puts a heading and its count on two lines
+        return " ".join(d.execute_script("return document.body ? document.body.innerText : ''").split())
+
     try:
         WebDriverWait(driver, WAIT, poll_frequency=0.5).until(lambda d: all(s in body(d) for s in expected))
     except TimeoutException:
@@ -99,10 +102,12 @@ def test_mlflow_ui_shows_the_run_its_curves_and_epoch_images(browser, tiny_cfg, 
     result, run_id = tracking.train(cfg, run_name="browser-run")
     experiment_id = mlflow.get_experiment_by_name("in-the-browser").experiment_id
     stems = [p.stem for p in data.list_images(cfg.split_dirs("valid")[0])[:2]]
+    metrics = len(mlflow.get_run(run_id).data.metrics)  # one chart each, in the "Model metrics" section
     base_url = None
     port = free_port()
     args = [sys.executable, "-m", "seg_mlops.cli", "ui", "--port", str(port)]
-    with serve(args, f"http://127.0.0.1:{port}/health", venv_env(MLFLOW_TRACKING_URI=tracking_store)):
+    with server(args, f"http://127.0.0.1:{port}/health", venv_env(MLFLOW_TRACKING_URI=tracking_store),
+                ARTIFACTS / "mlflow-ui.log"):
         base_url = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}"
         # The experiment's runs list: the experiment and the run, by name.
         page_text(browser, f"{base_url}/runs", "in-the-browser", "browser-run")
@@ -116,7 +121,7 @@ def test_mlflow_ui_shows_the_run_its_curves_and_epoch_images(browser, tiny_cfg, 
 
         # Model metrics: an image grid per epoch-inference panel (with the step slider) and a chart
         # per curve. The panel images must really load (naturalWidth > 0).
-        page_text(browser, f"{base_url}/runs/{run_id}/model-metrics", "epoch_infer (2)", "Model metrics (",
+        page_text(browser, f"{base_url}/runs/{run_id}/model-metrics", "epoch_infer (2)", f"Model metrics ({metrics})",
                   *(f"epoch_infer/{s}" for s in stems))
         WebDriverWait(browser, WAIT, poll_frequency=0.5).until(
             lambda d: {s for s in stems if any(i["width"] > 0 and i["complete"]
@@ -149,7 +154,7 @@ def test_dashboard_shows_the_study_trials(browser, tmp_path):
     path.write_text(yaml.safe_dump({"experiment": "browser-study", "tune": {"storage": str(journal)}}))
     port = free_port()
     args = [sys.executable, "-m", "seg_mlops.cli", "dashboard", "--config", str(path), "--port", str(port)]
-    with serve(args, f"http://127.0.0.1:{port}/api/studies", venv_env()):
+    with server(args, f"http://127.0.0.1:{port}/api/studies", venv_env(), ARTIFACTS / "dashboard.log"):
         url = f"http://127.0.0.1:{port}/dashboard/studies/{study._study_id}"
         text = page_text(browser, url, "browser-study", "Best Trial (number=1)", "0.8125",
                          "train.learning_rate: 0.02", "Hyperparameter Importance")

@@ -5,7 +5,7 @@ no run duplicated, no "database is locked", no traceback, and every poll answere
 
 Why PostgreSQL for MLflow too: with sqlite, four processes writing metrics and images at once
 (plus the UI reading) contend for one file lock; a server over PostgreSQL is the team setup the
-README describes, and the workers only talk HTTP to it.
+README describes, and the workers only talk HTTP to it (`seg-mlops ui` over the PostgreSQL store).
 """
 
 from __future__ import annotations
@@ -35,13 +35,15 @@ N_TRIALS = 8
 
 
 @contextmanager
-def server(args: list[str], url: str, env: dict[str, str], log: Path):
-    """A server process with its output kept in `log` (to search it for errors afterwards)."""
+def server(args: list[str], url: str, env: dict[str, str], log: Path, seconds: float = 300,
+           cwd: Path | None = None):
+    """A server process with its output kept in `log` (to search it for errors afterwards); it
+    may take `seconds` to answer (an `mlflow server` start on a loaded 2-core CI box is slow)."""
     with open(log, "w") as out:
         proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, cwd=cwd)
     try:
-        wait_http(url, proc, seconds=180)
+        wait_http(url, proc, seconds=seconds)
         yield proc
     finally:
         os.killpg(proc.pid, 15)
@@ -82,14 +84,14 @@ def test_four_workers_with_both_uis_reading(postgres_url, binary_root, tmp_path)
     mlflow_port, dash_port = free_port(), free_port()
     mlflow_url = f"http://127.0.0.1:{mlflow_port}"
     env = venv_env(MLFLOW_TRACKING_URI=mlflow_url, TF_CPP_MIN_LOG_LEVEL="2")
-    mlflow_args = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", mlflow_store,
-                   "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
-                   "--port", str(mlflow_port)]
+    # `seg-mlops ui` over the PostgreSQL store (artifacts under its working folder's tracking/).
+    mlflow_args = [sys.executable, "-m", "seg_mlops.cli", "ui", "--port", str(mlflow_port)]
+    ui_env = venv_env(MLFLOW_TRACKING_URI=mlflow_store)
     dash_args = [sys.executable, "-m", "seg_mlops.cli", "dashboard", "--config", str(path), "--port", str(dash_port)]
     # The study exists before the dashboard starts, so its poller has a study to read.
     optuna.create_study(study_name=name, storage=postgres_url, direction="maximize", load_if_exists=True)
 
-    with server(mlflow_args, f"{mlflow_url}/health", env, tmp_path / "mlflow-server.log"), \
+    with server(mlflow_args, f"{mlflow_url}/health", ui_env, tmp_path / "mlflow-server.log", cwd=tmp_path), \
             server(dash_args, f"http://127.0.0.1:{dash_port}/api/studies", env, tmp_path / "dashboard.log"):
         mlflow.set_tracking_uri(mlflow_url)
         experiment_id = mlflow.create_experiment(name)  # once, not by four racing workers

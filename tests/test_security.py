@@ -19,7 +19,8 @@ import yaml
 from seg_mlops import config
 from seg_mlops.errors import SegMlopsError
 from tests.conftest import TINY
-from tests.test_mlflow import free_port, serve, venv_env
+from tests.test_concurrency import server
+from tests.test_mlflow import free_port, venv_env
 
 SECRET = "s3cr3t-pw"
 
@@ -74,16 +75,16 @@ def assert_loopback_only(port: int) -> None:
 def test_ui_binds_to_loopback_by_default(tmp_path):
     port = free_port()
     env = venv_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    with serve([sys.executable, "-m", "seg_mlops.cli", "ui", "--port", str(port)],
-               f"http://127.0.0.1:{port}/health", env):
+    with server([sys.executable, "-m", "seg_mlops.cli", "ui", "--port", str(port)],
+                f"http://127.0.0.1:{port}/health", env, tmp_path / "ui.log"):
         assert_loopback_only(port)
 
 
 def test_ui_binds_where_the_user_asks(tmp_path):
     port = free_port()
     env = venv_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    with serve([sys.executable, "-m", "seg_mlops.cli", "ui", "--host", "0.0.0.0", "--port", str(port)],
-               f"http://127.0.0.1:{port}/health", env):
+    with server([sys.executable, "-m", "seg_mlops.cli", "ui", "--host", "0.0.0.0", "--port", str(port)],
+                f"http://127.0.0.1:{port}/health", env, tmp_path / "ui.log"):
         assert listening_addresses(port) == {"0.0.0.0"}
 
 
@@ -96,8 +97,8 @@ def test_dashboard_binds_to_loopback_by_default(tmp_path):
     path = tmp_path / "dash.yaml"
     path.write_text(yaml.safe_dump({"experiment": "sec-dash", "tune": {"storage": str(journal)}}))
     port = free_port()
-    with serve([sys.executable, "-m", "seg_mlops.cli", "dashboard", "--config", str(path), "--port", str(port)],
-               f"http://127.0.0.1:{port}/api/studies", venv_env()):
+    with server([sys.executable, "-m", "seg_mlops.cli", "dashboard", "--config", str(path), "--port", str(port)],
+                f"http://127.0.0.1:{port}/api/studies", venv_env(), tmp_path / "dashboard.log"):
         assert_loopback_only(port)
 
 
