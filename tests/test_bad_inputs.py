@@ -359,3 +359,28 @@ def test_print_table():
         if case.id in SEEN:
             print(f"| {case.what:<{width}} | `{SEEN[case.id]}` |")
     assert len(SEEN) >= 20
+
+
+def test_unforeseen_errors_are_one_line_too():
+    # A bug (any exception that is not a SegMlopsError) still gives one line and exit 1, and says
+    # how to get the traceback; --debug lets it through unchanged.
+    import click
+    from click.testing import CliRunner
+
+    from seg_mlops.cli import _Group
+
+    @click.group(cls=_Group)
+    @click.option("--debug", is_flag=True)
+    def group(debug: bool) -> None:
+        pass
+
+    @group.command()
+    def boom() -> None:
+        raise ZeroDivisionError("division by zero\nsecond line")
+
+    result = CliRunner().invoke(group, ["boom"])
+    assert result.exit_code == 1
+    assert result.output == ("Error: ZeroDivisionError: division by zero "
+                             "(rerun with seg-mlops --debug for the traceback)\n")
+    result = CliRunner().invoke(group, ["--debug", "boom"])
+    assert isinstance(result.exception, ZeroDivisionError)
