@@ -319,8 +319,10 @@ def test_bad_input(case: Case, datasets, tmp_path, tracking_store):
     proc = run_cli(args, case.env, cwd=tmp_path)
     output = proc.stdout + proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    SEEN[case.id] = f"exit {proc.returncode}: " + (lines[-1] if not case.ok or proc.returncode else
-                                                    proc.stdout.strip().splitlines()[0])
+    shown = lines[-1] if lines else ""
+    if case.ok and proc.returncode == 0:  # what train prints on success
+        shown = next((line for line in proc.stdout.splitlines() if line.startswith("best ")), shown)
+    SEEN[case.id] = f"exit {proc.returncode}: {shown}"
     assert "Traceback" not in output, output[-3000:]
     if case.ok:
         assert proc.returncode == 0, output[-3000:]

@@ -95,6 +95,7 @@ def loaded_images(driver, fragment: str) -> list[dict]:
 
 def test_mlflow_ui_shows_the_run_its_curves_and_epoch_images(browser, tiny_cfg, tracking_store):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     cfg = tiny_cfg("experiment=in-the-browser", "train.epochs=2", "train.epoch_infer_count=2",
@@ -121,21 +122,24 @@ def test_mlflow_ui_shows_the_run_its_curves_and_epoch_images(browser, tiny_cfg, 
 
         # Model metrics: an image grid per epoch-inference panel (with the step slider) and a chart
         # per curve. The panel images must really load (naturalWidth > 0).
-        page_text(browser, f"{base_url}/runs/{run_id}/model-metrics", "epoch_infer (2)", f"Model metrics ({metrics})",
-                  *(f"epoch_infer/{s}" for s in stems))
+        page_text(browser, f"{base_url}/runs/{run_id}/model-metrics", "epoch_infer (2)",
+                  f"Model metrics ({metrics})", *(f"epoch_infer/{s}" for s in stems))
         WebDriverWait(browser, WAIT, poll_frequency=0.5).until(
             lambda d: {s for s in stems if any(i["width"] > 0 and i["complete"]
                                                 for i in loaded_images(d, f"epoch_infer~{s}"))} == set(stems))
         images = loaded_images(browser, "epoch_infer~")
         assert all("get-artifact" in i["src"] for i in images)
         browser.save_screenshot(str(ARTIFACTS / "mlflow-model-metrics.png"))
-        # Charts render only when scrolled into view: the page's own search box brings the
-        # validation curves up, as a user would find them.
+        # Charts render only when scrolled into view: the page's own search box brings each
+        # validation curve up, as a user would find it; a rendered chart's legend is "run (metric)".
         search = browser.find_element(By.CSS_SELECTOR, "input[placeholder*='Search metric charts']")
-        search.send_keys("val_")
-        WebDriverWait(browser, WAIT, poll_frequency=0.5).until(
-            lambda d: all(name in d.execute_script("return document.body.innerText")
-                          for name in ("val_dice_coef", "val_loss", "val_iou_coef")))
+        for name in ("val_loss", "val_dice_coef"):
+            search.send_keys(Keys.CONTROL, "a")
+            search.send_keys(Keys.DELETE)
+            search.send_keys(name)
+            WebDriverWait(browser, WAIT, poll_frequency=0.5).until(
+                lambda d, name=name: f"browser-run ({name})" in " ".join(
+                    d.execute_script("return document.body.innerText").split()))
         browser.save_screenshot(str(ARTIFACTS / "mlflow-val-curves.png"))
     assert (ARTIFACTS / "mlflow-model-metrics.png").stat().st_size > 10_000  # a real rendering, not blank
 
