@@ -24,7 +24,6 @@ from pathlib import Path
 import mlflow
 import optuna
 import sqlalchemy as sa
-import yaml
 
 from seg_mlops import tuning
 from tests.test_mlflow import free_port, venv_env, wait_http
