@@ -23,6 +23,8 @@ demo: install
 	@echo "browse runs, curves and epoch images: .venv/bin/seg-mlops ui  (http://127.0.0.1:5000)"
 
 test: install
+	# Headless Chromium for the UI tests (Debian packages, installed once; the tests say why if it fails)
+	bash tests/browser.sh >/dev/null || true
 	$(BIN)/python -m pytest
 
 clean:

@@ -13,7 +13,9 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -338,6 +340,12 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str, base: Path | None)
 def _validate(cfg: Config) -> Config:
     """Checks that span keys."""
     m, d = cfg.model, cfg.data
+    name = cfg.experiment
+    if name in ("", ".", "..") or "/" in name or "\\" in name:
+        # It names folders (outputs/<experiment>, tracking/artifacts/<experiment>): a path in it
+        # would make training write outside them.
+        raise SegMlopsError(f"experiment={name!r}: must be a plain name without / or \\ (it names the "
+                            "output folder, the MLflow experiment and the Optuna study)")
     if m.num_classes >= 2:
         if len(d.rgb_map) != m.num_classes:
             raise SegMlopsError(
@@ -511,6 +519,30 @@ def flatten(cfg: Config) -> dict[str, Any]:
         else:
             flat[f.name] = value
     return flat
+
+
+def redact(url: str) -> str:
+    """A URL without its password (`user:password@host`, or a `password=` query parameter), fit
+    for params, tags, files and messages. Anything that is not a URL comes back unchanged."""
+    if "://" not in url:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    netloc, query = parts.netloc, parts.query
+    if "@" in netloc:
+        credentials, host = netloc.rsplit("@", 1)
+        netloc = f"{credentials.split(':', 1)[0]}@{host}"
+    query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", query, flags=re.IGNORECASE)
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def public(cfg: Config) -> Config:
+    """The config as it may be logged (MLflow params, config.yaml): tune.storage without its password."""
+    storage = redact(cfg.tune.storage)
+    if storage == cfg.tune.storage:
+        return cfg
+    return dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, storage=storage))
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -37,6 +37,11 @@ def load_model(path: str | Path):
     path = Path(path)
     if not path.exists():
         raise SegMlopsError(f"model not found: {path} (pass the best_model.keras written by train)")
+    import zipfile
+
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):  # Keras would say "File not found"
+        raise SegMlopsError(f"cannot load model {path}: not a .keras file (a .keras model is a zip "
+                            "archive; it is damaged or something else); pass the best_model.keras written by train")
     try:
         return keras.models.load_model(path, compile=False)
     except Exception as exc:  # keras raises many types; the user needs the file name and the reason

@@ -310,7 +310,7 @@ def train(cfg: Config, *, overwrite: bool = False, extra_callbacks: Sequence[ker
         run_id = run.info.run_id
         if wrapper and wrapper != run_id:
             mlflow.MlflowClient().set_tag(wrapper, lifecycle.RESUMED_RUN_TAG, run_id)
-        log_params_once(config_mod.flatten(cfg))
+        log_params_once(config_mod.flatten(config_mod.public(cfg)))  # no storage password
         state = resume_mod.load_state(out) if resume_run_id else None
         if resume_run_id:
             count = int(run.data.tags.get(lifecycle.RESUMES_TAG, "0")) + 1
@@ -368,7 +368,7 @@ def finish_run(cfg: Config, result, sink: RunSink, run_id: str) -> None:
         ("epoch records", lambda: sink.flush(max(0.0, deadline - time.monotonic())) == 0 or _raise_pending(sink)),
         (f"best_{cfg.train.monitor}", lambda: mlflow.log_metric(f"best_{cfg.train.monitor}", best)),
         ("tags", lambda: mlflow.set_tags(replicas)),
-        ("config.yaml", lambda: mlflow.log_text(config_mod.to_yaml(cfg), "config.yaml")),
+        ("config.yaml", lambda: mlflow.log_text(config_mod.to_yaml(config_mod.public(cfg)), "config.yaml")),
         ("history files", lambda: log_artifacts(out, ["train_losses.csv", "train_losses.png",
                                                       "train_metrics.csv", "train_metrics.png"])),
         ("evaluation", lambda: log_evaluation(results, out)),
@@ -400,7 +400,7 @@ def resume_config(run_id: str, cfg: Config | None = None) -> Config:
         if not out or not (Path(out) / "config.yaml").is_file():
             raise SegMlopsError(f"run {run_id}: no config.yaml in its output folder {out}; pass --config")
         cfg = config_mod.load(Path(out) / "config.yaml")
-    flat = {k: param_value(v) for k, v in config_mod.flatten(cfg).items()}
+    flat = {k: param_value(v) for k, v in config_mod.flatten(config_mod.public(cfg)).items()}
     out_dir = lifecycle.check_resumable(run, connect(cfg.experiment), flat)
     # The folder the run wrote to, wherever this command runs from.
     return config_mod.override(cfg, {"train.output_dir": str(out_dir)})

@@ -201,7 +201,7 @@ def prepare_output(cfg: Config, overwrite: bool, resume: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         resume_mod.clear_state(out)
-    (out / "config.yaml").write_text(config_mod.to_yaml(cfg))
+    (out / "config.yaml").write_text(config_mod.to_yaml(config_mod.public(cfg)))  # no storage password
     return out
 
 

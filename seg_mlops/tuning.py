@@ -35,21 +35,53 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 # ----------------------------------------------------------------------------- search space
 
-def suggest(trial: optuna.Trial, space: dict[str, Any], cfg: Config) -> dict[str, Any]:
-    """The trial's values for every key of the space: lists are categorical, {low, high} ranges
+def distributions(space: dict[str, Any], cfg: Config) -> dict[str, optuna.distributions.BaseDistribution]:
+    """Optuna's distribution of every key of the space: lists are categorical, {low, high} ranges
     are int or float as the key's own type (config.py already checked the space)."""
     current = config_mod.flatten(cfg)
-    values = {}
+    found: dict[str, optuna.distributions.BaseDistribution] = {}
     for key, spec in space.items():
         if isinstance(spec, (list, tuple)):
-            values[key] = trial.suggest_categorical(key, list(spec))
+            found[key] = optuna.distributions.CategoricalDistribution(list(spec))
         elif isinstance(current[key], int):
-            values[key] = trial.suggest_int(key, spec["low"], spec["high"], step=spec.get("step", 1),
-                                            log=spec.get("log", False))
+            found[key] = optuna.distributions.IntDistribution(
+                spec["low"], spec["high"], step=spec.get("step", 1), log=spec.get("log", False))
         else:
-            values[key] = trial.suggest_float(key, spec["low"], spec["high"], step=spec.get("step"),
-                                              log=spec.get("log", False))
+            found[key] = optuna.distributions.FloatDistribution(
+                spec["low"], spec["high"], step=spec.get("step"), log=spec.get("log", False))
+    return found
+
+
+def suggest(trial: optuna.Trial, space: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """The trial's values for every key of the space (see `distributions`)."""
+    values = {}
+    for key, dist in distributions(space, cfg).items():
+        if isinstance(dist, optuna.distributions.CategoricalDistribution):
+            values[key] = trial.suggest_categorical(key, list(dist.choices))
+        elif isinstance(dist, optuna.distributions.IntDistribution):
+            values[key] = trial.suggest_int(key, dist.low, dist.high, step=dist.step, log=dist.log)
+        else:
+            values[key] = trial.suggest_float(key, dist.low, dist.high, step=dist.step, log=dist.log)
     return values
+
+
+def check_space(study: optuna.Study, cfg: Config) -> None:
+    """Refuse to resume a study whose stored trials searched a key in a way the config's space
+    cannot continue (another kind, log scale or set of choices: Optuna's own compatibility rule).
+    Optuna itself would accept it and let the sampler mix both spaces silently. Widening or
+    narrowing a range stays allowed."""
+    wanted = distributions(cfg.tune.space, cfg)
+    for trial in study.get_trials(deepcopy=False):
+        for key, stored in trial.distributions.items():
+            if key not in wanted:
+                continue
+            try:
+                optuna.distributions.check_distribution_compatibility(stored, wanted[key])
+            except ValueError as exc:
+                raise SegMlopsError(
+                    f"tune.space.{key}: study '{cfg.experiment}' in {redact(storage_url(cfg))} searched it as "
+                    f"{stored} (trial {trial.number}), the config gives {wanted[key]} ({exc}); restore the "
+                    "space, or start a new study with --set experiment=<new name>") from None
 
 
 def own_values(cfg: Config) -> dict[str, Any] | None:
@@ -82,13 +114,7 @@ def storage_url(cfg: Config) -> str:
     return cfg.tune.storage or str(tracking.TRACKING_HOME.resolve() / "optuna.journal")
 
 
-def redact(url: str) -> str:
-    """A storage URL without its password, fit for params, tags and messages."""
-    if "://" not in url or "@" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    return f"{scheme}://{credentials.split(':', 1)[0]}@{host}"
+redact = config_mod.redact  # a storage URL without its password (kept here: its old home)
 
 
 def make_storage(cfg: Config) -> optuna.storages.BaseStorage:
@@ -121,8 +147,16 @@ def load_study(cfg: Config) -> optuna.Study:
     try:
         study = optuna.create_study(study_name=cfg.experiment, storage=make_storage(cfg),
                                     pruner=make_pruner(cfg), direction=direction, load_if_exists=True)
-    except ValueError as exc:  # e.g. the stored study has another direction
+    except ValueError as exc:  # e.g. a stored multi-objective study
         raise SegMlopsError(f"study '{cfg.experiment}' in {redact(storage_url(cfg))}: {exc}") from None
+    # load_if_exists ignores `direction`: a study made for another train.monitor would rank this
+    # config's values backwards (best = worst) without a word.
+    stored = study.direction.name.lower()
+    if stored != direction:
+        raise SegMlopsError(
+            f"study '{cfg.experiment}' in {redact(storage_url(cfg))} was made to {stored} its metric, but "
+            f"train.monitor={cfg.train.monitor} must be {direction}d; use the monitor the study was made "
+            "with, or start a new study with --set experiment=<new name>")
     # Seeded from the config's seed, the trials already there and this process: a relaunch or a
     # second worker seeded with cfg.seed alone would replay the same startup trials.
     seed = int(np.random.SeedSequence([cfg.seed, len(study.trials), os.getpid()]).generate_state(1)[0])
@@ -179,6 +213,7 @@ def run_study(cfg: Config, *, n_trials: int | None = None, timeout: float | None
     n_trials = n_trials or cfg.tune.n_trials
     timeout = timeout if timeout is not None else (cfg.tune.timeout or None)
     study = load_study(cfg)
+    check_space(study, cfg)
     if not study.trials and (values := own_values(cfg)) is not None:
         study.enqueue_trial(values, user_attrs={"seeded_from": "config"})
     experiment_id = tracking.connect(cfg.experiment)

@@ -1,0 +1,169 @@
+"""The UIs as a user sees them: `seg-mlops ui` (MLflow) and `seg-mlops dashboard` (optuna-dashboard)
+opened in headless Chromium, asserting on the rendered pages (not on the JSON behind them).
+
+Chromium and chromedriver come from Debian (tests/browser.sh installs them when missing, as
+tracking/postgres.sh does for PostgreSQL); Selenium from the package's `test` extra. Screenshots
+are kept under outputs/test-artifacts/ (gitignored) for a person to look at.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import mlflow
+import optuna
+import pytest
+import yaml
+
+from seg_mlops import data, tracking
+from tests.conftest import REPO
+from tests.test_concurrency import server
+from tests.test_mlflow import free_port, venv_env
+
+ARTIFACTS = REPO / "outputs" / "test-artifacts"
+WAIT = 90  # seconds a page may take to render on a loaded CI machine
+
+
+def _must_run() -> bool:
+    return bool(os.environ.get("CI") or os.environ.get("SEG_MLOPS_REAL_DATA"))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium driven by Selenium, installed by tests/browser.sh when missing. Where it
+    cannot be had, CI (CI or SEG_MLOPS_REAL_DATA set) fails; a developer's run skips."""
+    def unavailable(why: str):
+        (pytest.fail if _must_run() else pytest.skip)(f"browser tests: {why}")
+
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        unavailable("selenium is not installed (pip install -e '.[test]')")
+    proc = subprocess.run(["bash", str(REPO / "tests" / "browser.sh")], capture_output=True, text=True,
+                          timeout=900, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        unavailable(f"tests/browser.sh failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    chromium, chromedriver = proc.stdout.strip().splitlines()[-1].split()
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    profile = tempfile.mkdtemp(prefix="seg-mlops-chromium-")
+    # The background-networking flags matter on machines without internet: without them Chromium
+    # keeps retrying refused connections and pages stall.
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", "--window-size=1600,1100", f"--user-data-dir={profile}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+    driver.set_page_load_timeout(WAIT)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    yield driver
+    driver.quit()
+
+
+def page_text(driver, url: str, *expected: str) -> str:
+    """Open url and wait until the rendered page shows every expected string; returns its text."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(url)
+    def body(d) -> str:  # whitespace collapsed: innerText puts a heading and its count on two lines
+        return " ".join(d.execute_script("return document.body ? document.body.innerText : ''").split())
+
+    try:
+        WebDriverWait(driver, WAIT, poll_frequency=0.5).until(lambda d: all(s in body(d) for s in expected))
+    except TimeoutException:
+        text = body(driver)
+        missing = [s for s in expected if s not in text]
+        shot = ARTIFACTS / "failed-page.png"
+        driver.save_screenshot(str(shot))
+        raise AssertionError(f"{url} never showed {missing} (screenshot {shot}); it shows:\n{text[:2000]}") from None
+    return body(driver)
+
+
+def loaded_images(driver, fragment: str) -> list[dict]:
+    """<img> elements whose src contains fragment, with their natural size (0 = not loaded)."""
+    return driver.execute_script(
+        "return Array.from(document.images).filter(i => i.src.includes(arguments[0]))"
+        ".map(i => ({src: i.src, width: i.naturalWidth, height: i.naturalHeight, complete: i.complete}))",
+        fragment)
+
+
+def test_mlflow_ui_shows_the_run_its_curves_and_epoch_images(browser, tiny_cfg, tracking_store):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    cfg = tiny_cfg("experiment=in-the-browser", "train.epochs=2", "train.epoch_infer_count=2",
+                   "train.patience=0")
+    result, run_id = tracking.train(cfg, run_name="browser-run")
+    experiment_id = mlflow.get_experiment_by_name("in-the-browser").experiment_id
+    stems = [p.stem for p in data.list_images(cfg.split_dirs("valid")[0])[:2]]
+    metrics = len(mlflow.get_run(run_id).data.metrics)  # one chart each, in the "Model metrics" section
+    base_url = None
+    port = free_port()
+    args = [sys.executable, "-m", "seg_mlops.cli", "ui", "--port", str(port)]
+    with server(args, f"http://127.0.0.1:{port}/health", venv_env(MLFLOW_TRACKING_URI=tracking_store),
+                ARTIFACTS / "mlflow-ui.log"):
+        base_url = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}"
+        # The experiment's runs list: the experiment and the run, by name.
+        page_text(browser, f"{base_url}/runs", "in-the-browser", "browser-run")
+        browser.save_screenshot(str(ARTIFACTS / "mlflow-experiment.png"))
+
+        # The run page: its name, params and the metrics it logged.
+        text = page_text(browser, f"{base_url}/runs/{run_id}", "browser-run", "val_dice_coef",
+                         "model.base_filters")
+        assert run_id[:8] in text or "browser-run" in text
+        browser.save_screenshot(str(ARTIFACTS / "mlflow-run.png"))
+
+        # Model metrics: an image grid per epoch-inference panel (with the step slider) and a chart
+        # per curve. The panel images must really load (naturalWidth > 0).
+        page_text(browser, f"{base_url}/runs/{run_id}/model-metrics", "epoch_infer (2)",
+                  f"Model metrics ({metrics})", *(f"epoch_infer/{s}" for s in stems))
+        WebDriverWait(browser, WAIT, poll_frequency=0.5).until(
+            lambda d: {s for s in stems if any(i["width"] > 0 and i["complete"]
+                                                for i in loaded_images(d, f"epoch_infer~{s}"))} == set(stems))
+        images = loaded_images(browser, "epoch_infer~")
+        assert all("get-artifact" in i["src"] for i in images)
+        browser.save_screenshot(str(ARTIFACTS / "mlflow-model-metrics.png"))
+        # Charts render only when scrolled into view: the page's own search box brings each
+        # validation curve up, as a user would find it; a rendered chart's legend is "run (metric)".
+        search = browser.find_element(By.CSS_SELECTOR, "input[placeholder*='Search metric charts']")
+        for name in ("val_loss", "val_dice_coef"):
+            search.send_keys(Keys.CONTROL, "a")
+            search.send_keys(Keys.DELETE)
+            search.send_keys(name)
+            WebDriverWait(browser, WAIT, poll_frequency=0.5).until(
+                lambda d, name=name: f"browser-run ({name})" in " ".join(
+                    d.execute_script("return document.body.innerText").split()))
+        browser.save_screenshot(str(ARTIFACTS / "mlflow-val-curves.png"))
+    assert (ARTIFACTS / "mlflow-model-metrics.png").stat().st_size > 10_000  # a real rendering, not blank
+
+
+def test_dashboard_shows_the_study_trials(browser, tmp_path):
+    # A study in the journal storage the `tune` command uses, with values we know, so the
+    # rendered numbers can be checked exactly.
+    journal = tmp_path / "browser.journal"
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    study = optuna.create_study(study_name="browser-study", storage=storage, direction="maximize")
+    space = {"train.learning_rate": optuna.distributions.FloatDistribution(0.001, 0.1, log=True)}
+    for lr, value in ((0.01, 0.625), (0.02, 0.8125), (0.005, 0.4375)):
+        study.add_trial(optuna.trial.create_trial(params={"train.learning_rate": lr}, distributions=space,
+                                                  value=value, intermediate_values={0: value / 2, 1: value}))
+    path = tmp_path / "dash.yaml"
+    path.write_text(yaml.safe_dump({"experiment": "browser-study", "tune": {"storage": str(journal)}}))
+    port = free_port()
+    args = [sys.executable, "-m", "seg_mlops.cli", "dashboard", "--config", str(path), "--port", str(port)]
+    with server(args, f"http://127.0.0.1:{port}/api/studies", venv_env(), ARTIFACTS / "dashboard.log"):
+        url = f"http://127.0.0.1:{port}/dashboard/studies/{study._study_id}"
+        text = page_text(browser, url, "browser-study", "Best Trial (number=1)", "0.8125",
+                         "train.learning_rate: 0.02", "Hyperparameter Importance")
+        assert "Intermediate values" in text
+        browser.save_screenshot(str(ARTIFACTS / "dashboard-study.png"))
+        text = page_text(browser, f"{url}/trials", "3 Trials", "Trial 0", "Trial 1", "Trial 2", "0.625")
+        assert text.count("Complete") >= 3
+        browser.save_screenshot(str(ARTIFACTS / "dashboard-trials.png"))
+    assert (ARTIFACTS / "dashboard-study.png").stat().st_size > 10_000
