@@ -41,6 +41,14 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="SECTION.
                           help="Override a config key, e.g. --set train.epochs=3 (repeatable).")
 sets_option = click.option("--sets", default="", metavar="'K=V K=V'",
                            help="Several overrides in one shell-quoted string (MLproject's -P set=...).")
+def extras_options(command):
+    """--colorize/--overlay of infer and tiled-infer (None: the config's infer.* value)."""
+    command = click.option("--overlay/--no-overlay", default=None,
+                           help="Also write overlays [config: infer.overlay].")(command)
+    return click.option("--colorize/--no-colorize", default=None,
+                        help="Also write colour masks [config: infer.colorize].")(command)
+
+
 model_option = click.option("--model", "model_path", type=click.Path(), required=True,
                             help="best_model.keras written by train, or an MLflow URI "
                                  "(models:/seg-<experiment>@champion, runs:/<id>/model).")
@@ -153,8 +161,7 @@ def evaluate(config_path: str, model_path: str, overrides: tuple[str, ...], sets
 @sets_option
 @click.option("--images", type=click.Path(file_okay=False), required=True, help="Folder of images (any size).")
 @click.option("--output", type=click.Path(file_okay=False), required=True, help="Folder for the masks.")
-@click.option("--colorize/--no-colorize", default=None, help="Also write colour masks [config: infer.colorize].")
-@click.option("--overlay/--no-overlay", default=None, help="Also write overlays [config: infer.overlay].")
+@extras_options
 def infer(config_path: str, model_path: str, overrides: tuple[str, ...], sets: str, images: str, output: str,
           colorize: bool | None, overlay: bool | None) -> None:
     """Predict masks for a folder of images, written at each image's original size."""
@@ -179,8 +186,7 @@ def infer(config_path: str, model_path: str, overrides: tuple[str, ...], sets: s
 @sets_option
 @click.option("--images", type=click.Path(file_okay=False), required=True, help="Folder of large images.")
 @click.option("--output", type=click.Path(file_okay=False), required=True, help="Folder for the masks.")
-@click.option("--colorize/--no-colorize", default=None, help="Also write colour masks [config: infer.colorize].")
-@click.option("--overlay/--no-overlay", default=None, help="Also write overlays [config: infer.overlay].")
+@extras_options
 def tiled_infer(config_path: str, model_path: str, overrides: tuple[str, ...], sets: str, images: str,
                 output: str, colorize: bool | None, overlay: bool | None) -> None:
     """Predict masks of large images tile by tile (config: tiled_infer), at full resolution."""

@@ -21,6 +21,7 @@ from seg_mlops.errors import SegMlopsError
 from tests.conftest import TINY
 from tests.test_concurrency import server
 from tests.test_mlflow import free_port, venv_env
+from tests.test_postgres import _non_loopback_ip as non_loopback_ip
 
 SECRET = "s3cr3t-pw"
 
@@ -42,17 +43,6 @@ def listening_addresses(port: int) -> set[str]:
             words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
             found.add(socket.inet_ntop(socket.AF_INET if width == 8 else socket.AF_INET6, words))
     return found
-
-
-def non_loopback_ip() -> str | None:
-    """This machine's outgoing address (a UDP connect sends nothing), or None without a network."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("192.0.2.1", 9))
-            ip = s.getsockname()[0]
-    except OSError:
-        return None
-    return None if ip.startswith("127.") or ip == "0.0.0.0" else ip
 
 
 def test_listening_addresses_reads_the_kernel_table():

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from seg_mlops import infer, tiling, tracking
-from seg_mlops.cli import cli
+from tests.test_cli import run
 from seg_mlops.config import TiledInferConfig
 from seg_mlops.errors import SegMlopsError
 from seg_mlops.model import build_unet
@@ -185,13 +185,6 @@ def test_batched_equals_one_tile_at_a_time():
 
 
 # ----------------------------------------------------------------------------- make-tiles
-
-def run(*args: str, ok: bool = True):
-    result = CliRunner().invoke(cli, list(args))
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
-
 
 @pytest.fixture
 def big_pairs(tmp_path):
