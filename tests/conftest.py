@@ -32,6 +32,17 @@ def tracking_store(tmp_path_factory) -> str:
         os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
+@pytest.fixture(autouse=True)
+def _session_store_per_test(tracking_store):
+    """Every test starts on the session store: `mlflow.set_tracking_uri` also sets
+    $MLFLOW_TRACKING_URI, so a test that points MLflow at a server it then stops would otherwise
+    leave every later test talking to a dead server."""
+    import mlflow
+
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_store
+    mlflow.set_tracking_uri(tracking_store)
+
+
 @pytest.fixture(scope="session")
 def binary_root(tmp_path_factory) -> Path:
     return synthetic.make_dataset(tmp_path_factory.mktemp("binary"), classes=1, size=48, counts=(8, 4, 4))
