@@ -182,3 +182,33 @@ def test_resume_refuses_a_config_that_differs(tiny_cfg):
     client = mlflow.MlflowClient()
     assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [0, 1]
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_mlflow_run_entry_point_resumes_into_the_interrupted_run(tiny_cfg, tmp_path, tracking_store):
+    """`mlflow run . -e train -P resume=<id>`: training continues in the interrupted run (steps
+    0..N-1 once each); MLflow's own new run only points at it."""
+    from tests.test_mlflow import MLFLOW, REPO
+
+    cfg = tiny_cfg("experiment=resume-mlproject", "train.epochs=3")
+    with pytest.raises(KeyboardInterrupt):
+        tracking.train(cfg, extra_callbacks=[Stop(at=0)])
+    killed = mlflow.search_runs(experiment_names=["resume-mlproject"], output_format="list")[0]
+    assert killed.info.status == "KILLED"
+    path = tmp_path / "resolved.yaml"
+    path.write_text(config.to_yaml(cfg))
+    proc = subprocess.run([MLFLOW, "run", str(REPO), "-e", "train", "-P", f"config={path}",
+                           "-P", f"resume={killed.info.run_id}", "--env-manager", "local",
+                           "--experiment-name", "resume-mlproject"],
+                          env=venv_env(MLFLOW_TRACKING_URI=tracking_store), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mlflow.set_tracking_uri(tracking_store)
+    client = mlflow.MlflowClient()
+    run = client.get_run(killed.info.run_id)
+    assert run.info.status == "FINISHED"
+    for name in ("loss", "val_loss", "lr"):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, name)) == [0, 1, 2], name
+    assert tracking.MODEL_URI_TAG in run.data.tags
+    others = [r for r in mlflow.search_runs(experiment_names=["resume-mlproject"], output_format="list")
+              if r.info.run_id != killed.info.run_id]
+    assert len(others) == 1 and others[0].data.tags[lifecycle.RESUMED_RUN_TAG] == killed.info.run_id
