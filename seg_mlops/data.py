@@ -95,7 +95,7 @@ def fingerprint(cfg: Config) -> str:
 
 # ----------------------------------------------------------------------------- decoding
 
-def _decode(path: str | Path) -> np.ndarray:
+def decode_file(path: str | Path) -> np.ndarray:
     """Decode any supported file to uint8 as stored: (H, W) grey, or BGR / BGRA channels."""
     path = Path(path)
     try:
@@ -118,7 +118,7 @@ def read_rgb(path: str | Path) -> np.ndarray:
     Greyscale is replicated, alpha dropped, 16-bit scaled to 8-bit; unreadable files raise
     a SegMlopsError naming the file.
     """
-    image = _decode(path)
+    image = decode_file(path)
     if image.ndim == 2:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     if image.shape[2] == 4:
@@ -131,7 +131,7 @@ def read_mask(path: str | Path, num_classes: int) -> np.ndarray:
     ~8x cheaper than expanding it to RGB), multiclass masks as RGB."""
     if num_classes > 1:
         return read_rgb(path)
-    mask = _decode(path)
+    mask = decode_file(path)
     return mask if mask.ndim == 2 else mask[..., :3]
 
 

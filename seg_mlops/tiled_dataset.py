@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from seg_mlops import tiling
-from seg_mlops.data import IMAGE_SUFFIXES, _decode, pair_files
+from seg_mlops.data import IMAGE_SUFFIXES, decode_file, pair_files
 from seg_mlops.errors import SegMlopsError
 
 EDGES = ("shift", "pad", "skip")
@@ -34,7 +34,7 @@ def _write(path: Path, array: np.ndarray) -> None:
     ok, buffer = cv2.imencode(".png", array)
     if not ok:
         raise SegMlopsError(f"cannot encode {path}")
-    buffer.tofile(path)  # tofile + imencode: non-ASCII paths work (as data._decode reads them)
+    buffer.tofile(path)  # tofile + imencode: non-ASCII paths work (as data.decode_file reads them)
 
 
 def _prepare(output: Path, overwrite: bool) -> tuple[Path, Path]:
@@ -81,7 +81,7 @@ def make_tiles(images_dir: str | Path, masks_dir: str | Path, output: str | Path
     images_out, masks_out = _prepare(Path(output), overwrite)
     tiles = wholes = skipped = 0
     for pair in pairs:
-        image, mask = _decode(pair.image), _decode(pair.mask)
+        image, mask = decode_file(pair.image), decode_file(pair.mask)
         if image.shape[:2] != mask.shape[:2]:
             raise SegMlopsError(f"size mismatch: image {pair.image} is {image.shape[1]}x{image.shape[0]} "
                                 f"but mask {pair.mask} is {mask.shape[1]}x{mask.shape[0]}")
