@@ -55,6 +55,16 @@ FULL = {
 }
 
 
+def _timing():
+    """bench/pipeline.py's epoch timer and rate helpers (the benches share one way to time)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_pipeline", Path(__file__).with_name("pipeline.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def data_dir(name: str) -> Path:
     base = os.environ.get("SEG_MLOPS_REAL_DATA")
     path = (Path(base) if base else REPO_ROOT.parent / "shared" / "data") / name
@@ -91,29 +101,14 @@ def measure(root: Path, *, max_images: int | None, rounds: int, base_filters: in
     model = build_unet(**dataclasses.asdict(cfg.model))
     compile_model(model, cfg)
 
-    class EpochTimer(keras.callbacks.Callback):
-        seconds = cpu = 0.0
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self._start, self._cpu = time.perf_counter(), time.process_time()
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.seconds = time.perf_counter() - self._start
-            self.cpu = time.process_time() - self._cpu
-
-    timer = EpochTimer()
+    timing = _timing()
+    timer = timing.epoch_timer()
 
     def fit_epoch(ds) -> tuple[float, float]:
-        model.fit(ds, epochs=1, verbose=0, shuffle=False, callbacks=[timer])
-        return n / timer.seconds, 1000 * timer.cpu / n
-
-    def pipeline_pass(ds) -> tuple[float, float]:
-        start, cpu = time.perf_counter(), time.process_time()
-        count = sum(int(images.shape[0]) for images, _ in ds)
-        return count / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / count
+        return timing.fit_rate(model, ds, n, timer)
 
     variants = {"plain": lambda: fit_epoch(plain), "augmented": lambda: fit_epoch(augmented),
-                "pipeline": lambda: pipeline_pass(augmented)}
+                "pipeline": lambda: timing.pipeline_rate(augmented)}
     for run in variants.values():  # warm-up (and the memory cache's one decoding epoch)
         run()
     rates: dict[str, list[float]] = {k: [] for k in variants}

@@ -48,6 +48,36 @@ SIZE_PART1 = 128
 SIZE_PART2 = 256
 
 
+def epoch_timer():
+    """A Keras callback that keeps the wall and CPU seconds of the last epoch (shared by the benches)."""
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        seconds = cpu = 0.0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._start, self._cpu = time.perf_counter(), time.process_time()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds = time.perf_counter() - self._start
+            self.cpu = time.process_time() - self._cpu
+
+    return EpochTimer()
+
+
+def fit_rate(model, ds, n: int, timer) -> tuple[float, float]:
+    """One training epoch over `ds` (n images): (images/s of wall time, CPU ms per image)."""
+    model.fit(ds, epochs=1, verbose=0, shuffle=False, callbacks=[timer])
+    return n / timer.seconds, 1000 * timer.cpu / n
+
+
+def pipeline_rate(ds) -> tuple[float, float]:
+    """One pass of the input pipeline alone: (images/s of wall time, CPU ms per image)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    count = sum(int(batch_images.shape[0]) for batch_images, _ in ds)
+    return count / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / count
+
+
 def data_dir(name: str) -> Path:
     base = os.environ.get("SEG_MLOPS_REAL_DATA")
     path = (Path(base) if base else REPO_ROOT.parent / "shared" / "data") / name
@@ -100,30 +130,14 @@ def throughput(root: Path, base_filters: int, *, max_images: int | None, rounds:
     model = build_unet(**dataclasses.asdict(cfg.model))
     compile_model(model, cfg)
 
-    class EpochTimer(keras.callbacks.Callback):
-        seconds = cpu = 0.0
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self._start, self._cpu = time.perf_counter(), time.process_time()
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.seconds = time.perf_counter() - self._start
-            self.cpu = time.process_time() - self._cpu
-
-    timer = EpochTimer()
+    timer = epoch_timer()
 
     # Each returns (images/s of wall time, CPU ms of this process, all threads, per image).
     def fit_epoch(ds) -> tuple[float, float]:
-        model.fit(ds, epochs=1, verbose=0, shuffle=False, callbacks=[timer])
-        return n / timer.seconds, 1000 * timer.cpu / n
-
-    def pipeline_pass(ds) -> tuple[float, float]:
-        start, cpu = time.perf_counter(), time.process_time()
-        count = sum(int(batch_images.shape[0]) for batch_images, _ in ds)
-        return count / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / count
+        return fit_rate(model, ds, n, timer)
 
     variants = {"disk": lambda: fit_epoch(disk), "memory": lambda: fit_epoch(memory),
-                "cached": lambda: fit_epoch(cached), "pipeline": lambda: pipeline_pass(disk)}
+                "cached": lambda: fit_epoch(cached), "pipeline": lambda: pipeline_rate(disk)}
     for run in variants.values():  # warm-up, not timed
         run()
     rates: dict[str, list[float]] = {name: [] for name in variants}
