@@ -35,7 +35,6 @@ from pathlib import Path
 
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"  # before any TensorFlow import
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA = "Herlev-PapSmear-SevereDysplastic"
 BATCH = 8
 SIZE = 128
@@ -56,7 +55,7 @@ FULL = {
 
 
 def _timing():
-    """bench/pipeline.py's epoch timer and rate helpers (the benches share one way to time)."""
+    """bench/pipeline.py: its epoch timer, rate helpers, data_dir and formatting (one way to time)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_pipeline", Path(__file__).with_name("pipeline.py"))
@@ -65,16 +64,8 @@ def _timing():
     return module
 
 
-def data_dir(name: str) -> Path:
-    base = os.environ.get("SEG_MLOPS_REAL_DATA")
-    path = (Path(base) if base else REPO_ROOT.parent / "shared" / "data") / name
-    if not path.is_dir():
-        sys.exit(f"dataset not found: {path} (set SEG_MLOPS_REAL_DATA to the folder holding {name})")
-    return path.resolve()
-
-
-def _fmt(values: list[float]) -> str:
-    return " ".join(f"{v:.1f}" for v in values)
+_PIPELINE = _timing()
+data_dir, _fmt = _PIPELINE.data_dir, _PIPELINE._fmt
 
 
 def measure(root: Path, *, max_images: int | None, rounds: int, base_filters: int) -> dict:
@@ -101,7 +92,7 @@ def measure(root: Path, *, max_images: int | None, rounds: int, base_filters: in
     model = build_unet(**dataclasses.asdict(cfg.model))
     compile_model(model, cfg)
 
-    timing = _timing()
+    timing = _PIPELINE
     timer = timing.epoch_timer()
 
     def fit_epoch(ds) -> tuple[float, float]:
