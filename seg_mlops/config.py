@@ -48,9 +48,17 @@ class DataConfig:
     valid_masks: str = _key("", path=True)
     test_images: str = _key("", path=True)
     test_masks: str = _key("", path=True)
+    # Validation split when the data has none (no valid folder): this seeded fraction of train,
+    # whole groups at a time. valid_group is a regex on the file stem whose first group (or whole
+    # match) names the group, e.g. "(?:flipped_|rotated_\\d+_)?(.+)" keeps a cell's augmented copies
+    # together; "" = every file is its own group.
+    valid_fraction: float = _key(0.0, lo=0, hi=0.9)
+    valid_group: str = _key("")
     # Binary masks: foreground = max channel >= mask_threshold ("threshold"), or any non-zero
-    # pixel ("nonzero": what the reference's bool cast did, to reproduce its published numbers).
-    binary_mask: str = _key("threshold", choices=("threshold", "nonzero"))
+    # pixel ("nonzero": 0/1 label masks, and what the reference's bool cast did). "auto" decides
+    # from the data (data.prepare): masks whose values are all 0 or 1 are labels (nonzero), others
+    # are thresholded.
+    binary_mask: str = _key("auto", choices=("auto", "threshold", "nonzero"))
     mask_threshold: int = _key(128, lo=1, hi=255)
     # Multiclass masks: colour (RGB) of class i at position i; pixels snap to the nearest colour
     # within color_tolerance (Euclidean RGB distance), farther ones are an error.
@@ -92,8 +100,10 @@ class TrainConfig:
     loss: str = _key("auto")  # "auto": bce_dice_loss (binary) / categorical_crossentropy
     metrics: tuple[str, ...] = _key(())  # (): the task's defaults (losses.for_task)
     # The one name of the monitored metric: checkpoint, early stopping, LR reducer, pruning and
-    # the registry all use it. Direction: "min" for *loss, else "max".
-    monitor: str = _key("val_dice_coef")
+    # the registry all use it. Direction: "min" for *loss, else "max". "auto" (resolved at load):
+    # the foreground dice, val_dice_coef for binary, val_class_dice for multiclass (dice_coef
+    # sums the background channel too, which for one-hot masks is close to pixel accuracy).
+    monitor: str = _key("auto")
     patience: int = _key(10, lo=0)  # early stopping; 0 disables
     reducer_factor: float = _key(0.5, lo=0, hi=1)  # ReduceLROnPlateau factor
     reducer_patience: int = _key(5, lo=0)  # 0 disables the LR reducer
@@ -361,8 +371,16 @@ def _validate(cfg: Config) -> Config:
                             "set model.num_classes to the number of colours, or remove data.rgb_map")
     if m.base_kernels % 2 == 0:
         raise SegMlopsError(f"model.base_kernels={m.base_kernels}: must be odd")
+    if d.valid_group:
+        try:
+            re.compile(d.valid_group)
+        except re.error as exc:
+            raise SegMlopsError(f"data.valid_group={d.valid_group!r}: not a regular expression ({exc})") from None
     _validate_augment(cfg.augment)
     _validate_space(cfg.tune.space)
+    if cfg.train.monitor == "auto":
+        monitor = "val_dice_coef" if m.num_classes == 1 else "val_class_dice"
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, monitor=monitor))
     return cfg
 
 

@@ -10,7 +10,11 @@ files in parallel, one batch at a time.
 from __future__ import annotations
 
 import hashlib
+import json
+import math
+import re
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -74,8 +78,51 @@ def pair_files(images_dir: str | Path, masks_dir: str | Path) -> list[Pair]:
 
 
 def split_pairs(cfg: Config, split: str) -> list[Pair]:
+    """The pairs of `split`. Without a valid folder and with data.valid_fraction > 0, "valid" is a
+    seeded share of the train folder (whole groups, see data.valid_group) and "train" the rest."""
+    if cfg.data.valid_fraction and split in ("train", "valid"):
+        valid_images, _ = cfg.split_dirs("valid")
+        if cfg.data.valid_images or valid_images.is_dir():
+            raise SegMlopsError(f"data.valid_fraction={cfg.data.valid_fraction:g} carves validation out of "
+                                f"train, but a valid folder is given ({valid_images}): use one of the two")
+        train, valid = carve(pair_files(*cfg.split_dirs("train")), cfg.data.valid_fraction,
+                             cfg.data.valid_group, cfg.seed)
+        return train if split == "train" else valid
     images_dir, masks_dir = cfg.split_dirs(split)
+    if split == "valid" and not images_dir.is_dir() and not cfg.data.valid_images:
+        raise SegMlopsError(f"no validation split: {images_dir} not found; add it, or set "
+                            "data.valid_fraction: 0.2 to carve one out of train")
     return pair_files(images_dir, masks_dir)
+
+
+def group_of(stem: str, pattern: str) -> str:
+    """The group a file belongs to: the first group of `pattern` matched in the stem (or the whole
+    match), or the stem itself when the pattern is "" or does not match."""
+    found = re.search(pattern, stem) if pattern else None
+    if not found:
+        return stem
+    return found.group(1) if found.re.groups else found.group(0)
+
+
+def carve(pairs: Sequence[Pair], fraction: float, pattern: str, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """(train, valid): whole groups drawn in a seeded order until valid holds at least `fraction`
+    of the pairs, so augmented copies of one object never straddle the two splits."""
+    groups: dict[str, list[Pair]] = {}
+    for pair in pairs:
+        groups.setdefault(group_of(pair.image.stem, pattern), []).append(pair)
+    order = sorted(groups)
+    np.random.default_rng(seed).shuffle(order)
+    wanted, valid_keys = math.ceil(fraction * len(pairs)), set()
+    for key in order:
+        if sum(len(groups[k]) for k in valid_keys) >= wanted:
+            break
+        valid_keys.add(key)
+    if len(valid_keys) == len(groups):
+        raise SegMlopsError(f"data.valid_fraction={fraction:g} leaves no training data: {len(pairs)} pairs in "
+                            f"{len(groups)} group(s) (data.valid_group={pattern!r}); lower it or add data")
+    train = [p for p in pairs if group_of(p.image.stem, pattern) not in valid_keys]
+    valid = [p for p in pairs if group_of(p.image.stem, pattern) in valid_keys]
+    return train, valid
 
 
 def _names(names: Sequence[str], limit: int = 10) -> str:
@@ -95,8 +142,14 @@ def fingerprint(cfg: Config) -> str:
 
 # ----------------------------------------------------------------------------- decoding
 
-def decode_file(path: str | Path) -> np.ndarray:
-    """Decode any supported file to uint8 as stored: (H, W) grey, or BGR / BGRA channels."""
+def decode_file(path: str | Path, labels: bool = False) -> np.ndarray:
+    """Decode any supported file to uint8: (H, W) grey, or BGR / BGRA channels.
+
+    Images (labels=False): 16-bit and float intensities are scaled to 0..255. Masks (labels=True)
+    hold labels, never intensities: values are kept as stored (a 16-bit label 1 stays 1; the
+    reference's /257 made it 0), and only values above 255 are clipped to 255 (a 0/65535 mask
+    reads as 0/255).
+    """
     path = Path(path)
     try:
         buffer = np.fromfile(path, dtype=np.uint8)  # np.fromfile + imdecode: non-ASCII paths work
@@ -105,11 +158,13 @@ def decode_file(path: str | Path) -> np.ndarray:
     image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED) if buffer.size else None
     if image is None:
         raise SegMlopsError(f"cannot decode {path}: empty, truncated or not an image; replace or remove it")
+    if image.dtype == np.uint8:
+        return image
+    if labels:
+        return np.clip(np.rint(image), 0, 255).astype(np.uint8)
     if image.dtype == np.uint16:
         return (image // 257).astype(np.uint8)
-    if image.dtype != np.uint8:
-        return cv2.normalize(image, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
-    return image
+    return cv2.normalize(image, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
@@ -118,7 +173,11 @@ def read_rgb(path: str | Path) -> np.ndarray:
     Greyscale is replicated, alpha dropped, 16-bit scaled to 8-bit; unreadable files raise
     a SegMlopsError naming the file.
     """
-    image = decode_file(path)
+    return to_rgb(decode_file(path))
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """Decoded grey, BGR or BGRA uint8 -> RGB (H, W, 3)."""
     if image.ndim == 2:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     if image.shape[2] == 4:
@@ -129,9 +188,9 @@ def read_rgb(path: str | Path) -> np.ndarray:
 def read_mask(path: str | Path, num_classes: int) -> np.ndarray:
     """A mask as encode_mask wants it: binary masks as read (grey stays one channel, which is
     ~8x cheaper than expanding it to RGB), multiclass masks as RGB."""
+    mask = decode_file(path, labels=True)
     if num_classes > 1:
-        return read_rgb(path)
-    mask = decode_file(path)
+        return to_rgb(mask)
     return mask if mask.ndim == 2 else mask[..., :3]
 
 
@@ -139,16 +198,15 @@ def encode_mask(mask: np.ndarray, data: DataConfig, num_classes: int, name: str 
     """Mask (H, W, 3) RGB, or (H, W) grey for binary -> uint8 class indices (H, W).
 
     Binary: foreground where the brightest channel reaches data.mask_threshold (so green or red
-    masks work too), or any non-zero pixel with binary_mask="nonzero". Multiclass: nearest colour
-    of data.rgb_map; a pixel farther than data.color_tolerance from every colour is an error.
+    masks work too), or any non-zero pixel with binary_mask="nonzero". "auto" is decided once per
+    dataset by `prepare`; a mask encoded on its own with "auto" decides for itself (values all 0
+    or 1: labels). Multiclass: nearest colour of data.rgb_map; a pixel farther than
+    data.color_tolerance from every colour is an error.
     """
     if num_classes == 1:
-        # Channel order does not matter for the brightest channel; np.maximum on channel views
-        # is ~10x faster than mask.max(axis=2).
-        brightest = mask if mask.ndim == 2 else np.maximum(np.maximum(mask[..., 0], mask[..., 1]), mask[..., 2])
-        if data.binary_mask == "nonzero":
-            return (brightest > 0).astype(np.uint8)
-        return (brightest >= data.mask_threshold).astype(np.uint8)
+        value = brightest(mask)
+        nonzero = data.binary_mask == "nonzero" or (data.binary_mask == "auto" and value.max() <= 1)
+        return (value > 0 if nonzero else value >= data.mask_threshold).astype(np.uint8)
     colours = np.asarray(data.rgb_map, dtype=np.float32)  # (K, 3)
     # Squared distance of each pixel to each class colour, computed on the unique colours only:
     # masks hold few distinct colours. Colours are packed into one integer first: a 1-D unique
@@ -169,6 +227,21 @@ def encode_mask(mask: np.ndarray, data: DataConfig, num_classes: int, name: str 
     return nearest[inverse.ravel()].reshape(mask.shape[:2]).astype(np.uint8)
 
 
+def brightest(mask: np.ndarray) -> np.ndarray:
+    """The brightest channel of a binary mask (channel order does not matter; np.maximum on
+    channel views is ~10x faster than mask.max(axis=2))."""
+    if mask.ndim == 2:
+        return mask
+    return np.maximum(np.maximum(mask[..., 0], mask[..., 1]), mask[..., 2])
+
+
+def check_same_size(image: np.ndarray, mask: np.ndarray, pair: Pair) -> None:
+    """An image and its mask must have the same height and width."""
+    if image.shape[:2] != mask.shape[:2]:
+        raise SegMlopsError(f"size mismatch: image {pair.image} is {image.shape[1]}x{image.shape[0]} "
+                            f"but mask {pair.mask} is {mask.shape[1]}x{mask.shape[0]}")
+
+
 def resize_image(image: np.ndarray, size: tuple[int, int], interpolation: str = "area") -> np.ndarray:
     """Resize an (H, W, C) image to size=(height, width)."""
     height, width = size
@@ -181,9 +254,7 @@ def load_pair(pair: Pair, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
     """Decode, check and resize one pair: uint8 image (h, w, 3) and uint8 labels (h, w)."""
     image = read_rgb(pair.image)
     mask = read_mask(pair.mask, cfg.model.num_classes)
-    if image.shape[:2] != mask.shape[:2]:
-        raise SegMlopsError(f"size mismatch: image {pair.image} is {image.shape[1]}x{image.shape[0]} "
-                            f"but mask {pair.mask} is {mask.shape[1]}x{mask.shape[0]}")
+    check_same_size(image, mask, pair)
     labels = encode_mask(mask, cfg.data, cfg.model.num_classes, str(pair.mask))
     size = (cfg.model.image_height, cfg.model.image_width)
     image = resize_image(image, size, cfg.data.image_interpolation)
@@ -193,13 +264,111 @@ def load_pair(pair: Pair, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
 
 def validate(pairs: Sequence[Pair], cfg: Config, workers: int = 4) -> np.ndarray:
     """Decode every pair once before training, so a bad file fails now with its name, not
-    mid-epoch inside TensorFlow. Returns the pixel count of each class over all pairs."""
-    def counts(pair: Pair) -> np.ndarray:
-        _, labels = load_pair(pair, cfg)
-        return np.bincount(labels.ravel(), minlength=max(2, cfg.model.num_classes))
+    mid-epoch inside TensorFlow. Returns the masks' histogram at their stored size: for binary
+    masks the pixel count of each stored value 0..255 (brightest channel, before any encoding),
+    for multiclass the pixel count of each class."""
+    classes = cfg.model.num_classes
+
+    def histogram(pair: Pair) -> np.ndarray:
+        image, mask = read_rgb(pair.image), read_mask(pair.mask, classes)
+        check_same_size(image, mask, pair)
+        if classes == 1:
+            return np.bincount(brightest(mask).ravel(), minlength=256)
+        return np.bincount(encode_mask(mask, cfg.data, classes, str(pair.mask)).ravel(), minlength=classes)
 
     with ThreadPoolExecutor(workers) as pool:  # cv2 releases the GIL while decoding
-        return np.sum(list(pool.map(counts, pairs)), axis=0)
+        return np.sum(list(pool.map(histogram, pairs)), axis=0)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What the validation pass saw: per split, the number of pairs, the stored mask values
+    (binary) and the pixel count of each class under the chosen encoding."""
+
+    encoding: str  # binary: "nonzero" or "threshold" (as data.binary_mask); multiclass: "rgb_map"
+    splits: dict
+
+    def to_json(self) -> str:
+        return json.dumps({"mask_encoding": self.encoding, "splits": self.splits}, indent=2)
+
+
+def prepare(cfg: Config, splits: Sequence[str] = SPLITS) -> tuple[Config, Profile]:
+    """Validate every pair of `splits`, decide how binary masks encode labels, and check that
+    every split has foreground. Returns the config with data.binary_mask decided (never "auto")
+    and the profile (logged as dataset_profile.json)."""
+    pairs = {split: split_pairs(cfg, split) for split in splits}
+    histograms = {split: validate(found, cfg) for split, found in pairs.items()}
+    cfg, how = decide_encoding(cfg, histograms)
+    report = {}
+    for split, hist in histograms.items():
+        pixels = class_pixels(hist, cfg)
+        report[split] = {"images": len(pairs[split]), "class_pixels": pixels.tolist(),
+                         "class_fractions": [round(float(p) / max(pixels.sum(), 1), 6) for p in pixels]}
+        if cfg.model.num_classes == 1:
+            report[split]["mask_values"] = {int(v): int(hist[v]) for v in np.flatnonzero(hist)}
+        check_foreground(cfg, split, hist, pixels)
+    warn_absent_classes(cfg, report)
+    print(how)
+    encoding = cfg.data.binary_mask if cfg.model.num_classes == 1 else "rgb_map"
+    return cfg, Profile(encoding, report)
+
+
+def decide_encoding(cfg: Config, histograms: dict[str, np.ndarray]) -> tuple[Config, str]:
+    """data.binary_mask "auto" -> "nonzero" when every stored mask value is 0 or 1 (label masks),
+    else "threshold"; returns the config and the line that says what was chosen and why."""
+    if cfg.model.num_classes > 1:
+        return cfg, f"masks: colours snapped to data.rgb_map ({cfg.model.num_classes} classes)"
+    seen = _values(np.sum(list(histograms.values()), axis=0))
+    mode = cfg.data.binary_mask
+    if mode == "auto":
+        top = max(np.flatnonzero(np.sum(list(histograms.values()), axis=0)), default=0)
+        mode = "nonzero" if top <= 1 else "threshold"
+    rule = "any non-zero value is foreground (labels)" if mode == "nonzero" else \
+        f"foreground where the value >= data.mask_threshold={cfg.data.mask_threshold}"
+    line = f"masks: stored values {seen}; data.binary_mask={cfg.data.binary_mask} -> {mode}: {rule}"
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, binary_mask=mode)), line
+
+
+def class_pixels(hist: np.ndarray, cfg: Config) -> np.ndarray:
+    """Pixels of each class (background first) from a validate() histogram, under cfg's encoding."""
+    if cfg.model.num_classes > 1:
+        return hist
+    first = 1 if cfg.data.binary_mask == "nonzero" else cfg.data.mask_threshold
+    return np.array([hist[:first].sum(), hist[first:].sum()])
+
+
+def check_foreground(cfg: Config, split: str, hist: np.ndarray, pixels: np.ndarray) -> None:
+    """A split whose masks hold no foreground pixel makes every dice meaningless (a model that
+    predicts nothing would score perfectly): an error naming the split and what to change."""
+    if pixels[1:].sum() > 0:
+        return
+    folder = cfg.split_dirs(split)[1]
+    if cfg.model.num_classes == 1:
+        raise SegMlopsError(
+            f"no foreground in the {split} split ({folder}): its masks hold the values {_values(hist)} and "
+            f"data.binary_mask={cfg.data.binary_mask} with data.mask_threshold={cfg.data.mask_threshold} makes "
+            "every pixel background; set data.binary_mask: auto (0/1 masks are labels) or lower data.mask_threshold")
+    raise SegMlopsError(
+        f"no foreground in the {split} split ({folder}): every mask pixel is the background colour "
+        f"{list(cfg.data.rgb_map[0])} (data.rgb_map[0]); check the masks and data.rgb_map")
+
+
+def warn_absent_classes(cfg: Config, report: dict) -> None:
+    """A class of rgb_map that train never shows cannot be learned: say so (and which)."""
+    if cfg.model.num_classes == 1 or "train" not in report:
+        return
+    for index, count in enumerate(report["train"]["class_pixels"]):
+        if count == 0:
+            print(f"warning: class {index} (colour {list(cfg.data.rgb_map[index])} of data.rgb_map) is absent from "
+                  "the train split: the model cannot learn it, and its dice is skipped where its truth is empty")
+
+
+def _values(hist: np.ndarray) -> str:
+    """Stored mask values seen, e.g. "{0, 1}" or "0..255 (37 distinct)"."""
+    found = np.flatnonzero(hist)
+    if len(found) <= 8:
+        return "{" + ", ".join(str(v) for v in found) + "}"
+    return f"{found.min()}..{found.max()} ({len(found)} distinct)"
 
 
 # ----------------------------------------------------------------------------- tf.data
@@ -282,15 +451,14 @@ def cache_file(pairs: Sequence[Pair], cfg: Config) -> str:
 
 
 def make_datasets(cfg: Config, batch_size: int | None = None):
-    """Validated (train, valid) pipelines from the config's folders; only train is augmented.
+    """(train, valid) pipelines from the config's folders; only train is augmented.
 
     Args:
-        cfg: the experiment config.
+        cfg: the experiment config, as `prepare` returned it (pairs validated, encoding decided).
         batch_size: images per batch; None means train.batch_size (a distributed run passes the
             global batch: train.batch_size x replicas).
     """
     train_pairs, valid_pairs = split_pairs(cfg, "train"), split_pairs(cfg, "valid")
-    validate(train_pairs + valid_pairs, cfg)
     batch_size = batch_size or cfg.train.batch_size
     return (make_dataset(train_pairs, cfg, batch_size=batch_size, shuffle=True, augment=True),
             make_dataset(valid_pairs, cfg, batch_size=batch_size, shuffle=False))

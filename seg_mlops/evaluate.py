@@ -1,11 +1,15 @@
 """Test-split evaluation: overall, per-image and per-class scores, written as CSV.
 
 Two kinds of numbers, both reported:
-- the training loss and metrics on soft predictions, averaged over batches as Keras does
-  (`dice_coef` here is comparable with the reference's published evaluation.csv);
+- the training loss and metrics on soft predictions, computed by Keras' own `model.evaluate`
+  with the metrics the model trains with, so `test_<metric>` is computed exactly as `val_<metric>`
+  (same code, same averaging; see seg_mlops.losses);
 - hard-mask scores (threshold / argmax, as inference writes masks): per image, and per class
-  over the whole split, which is what a user of the masks gets. An empty truth predicted empty
-  counts as a perfect 1.
+  over the whole split, which is what a user of the masks gets.
+
+The empty rule (as in losses): a dice or IoU needs truth to score. An image whose truth holds no
+foreground is skipped by the per-image means (and counted, with how many of them got false
+positives); a class absent from the split's truth is not reported (a warning names it).
 """
 
 from __future__ import annotations
@@ -20,77 +24,108 @@ from seg_mlops.config import Config
 from seg_mlops.infer import to_labels
 
 
-def _dice(inter: np.ndarray, total: np.ndarray) -> np.ndarray:
-    return np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
-
-
-def _iou(inter: np.ndarray, total: np.ndarray) -> np.ndarray:
-    union = total - inter
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num/den where den > 0, NaN (nothing to score) elsewhere."""
+    return np.divide(num, den, out=np.full(np.shape(num), np.nan), where=np.asarray(den) > 0)
 
 
 def class_names(cfg: Config) -> list[str]:
     return ["foreground"] if cfg.model.num_classes == 1 else [f"class{i}" for i in range(cfg.model.num_classes)]
 
 
+def soft_scores(model, cfg: Config, dataset) -> dict[str, float]:
+    """The loss and metrics of training, by Keras' evaluate on a compiled copy of `model` (the
+    caller's model keeps its own compile state)."""
+    import keras
+
+    scorer = keras.Model.from_config(model.get_config())
+    scorer.set_weights(model.get_weights())
+    loss, metrics = losses.for_task(cfg.model.num_classes, cfg.train.loss, cfg.train.metrics)
+    scorer.compile(loss=loss, metrics=metrics)
+    return {k: float(v) for k, v in scorer.evaluate(dataset, return_dict=True, verbose=0).items()}
+
+
+def hard_masks(truth: np.ndarray, pred: np.ndarray, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    """One-hot boolean (n, H, W, channels) truth and prediction, as inference thresholds them."""
+    if cfg.model.num_classes == 1:
+        return (truth[..., 0] > 0.5)[..., None], (to_labels(pred, cfg.infer.threshold) == 1)[..., None]
+    classes = np.arange(cfg.model.num_classes)
+    return truth.argmax(-1)[..., None] == classes, to_labels(pred)[..., None] == classes
+
+
 def evaluate(model, cfg: Config, out_dir: str | Path) -> dict[str, float]:
     """Score `model` on the test split; writes evaluation.csv and per_image.csv to `out_dir`.
 
-    Returns {name: value} with the loss and metrics (batch-averaged, soft), `mean_image_dice`,
-    `mean_image_iou` and `dice_<class>` / `iou_<class>` (hard, over the whole split).
+    Returns {name: value}: the loss and metrics (soft, as Keras computes val_*), `mean_image_dice`
+    and `mean_image_iou` (hard, foreground, over the images whose truth has foreground),
+    `dice_<class>` / `iou_<class>` (hard, whole split, classes present in the truth),
+    `empty_truth_images` and `false_positive_images` (of those, how many got any foreground).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.data.binary_mask == "auto":  # evaluated on its own (seg-mlops evaluate): decide from test
+        cfg, _ = data.prepare(cfg, ("test",))
+    else:
+        data.validate(data.split_pairs(cfg, "test"), cfg)
     pairs = data.split_pairs(cfg, "test")
-    data.validate(pairs, cfg)
-    loss_fn, metric_fns = losses.for_task(cfg.model.num_classes, cfg.train.loss, cfg.train.metrics)
-    fns = {"loss": loss_fn, **{m.__name__: m for m in metric_fns}}
-    soft = dict.fromkeys(fns, 0.0)
-    binary = cfg.model.num_classes == 1
-    channels = 1 if binary else cfg.model.num_classes
-    inter_all = np.zeros(channels)
-    total_all = np.zeros(channels)
-    rows, seen = [], 0
     dataset = data.make_dataset(pairs, cfg, batch_size=cfg.train.batch_size, shuffle=False)
+    results = soft_scores(model, cfg, dataset)
+
+    split_counts, rows = 0, []
     for x, y in dataset:
-        pred = np.asarray(model.predict_on_batch(x), dtype=np.float32)
-        n = len(pred)
-        for name, fn in fns.items():  # Keras-style: batch values averaged, weighted by batch size
-            soft[name] += float(np.mean(fn(y, pred))) * n
-        truth = y.numpy()
-        if binary:
-            hard_t, hard_p = truth[..., 0] > 0.5, to_labels(pred, cfg.infer.threshold) == 1
-            hard_t, hard_p = hard_t[..., None], hard_p[..., None]
-        else:
-            classes = np.arange(channels)
-            hard_t = truth.argmax(-1)[..., None] == classes
-            hard_p = to_labels(pred)[..., None] == classes
-        inter = (hard_t & hard_p).sum(axis=(1, 2))  # (n, channels)
-        total = hard_t.sum(axis=(1, 2)) + hard_p.sum(axis=(1, 2))
-        inter_all += inter.sum(0)
-        total_all += total.sum(0)
-        fg = slice(0, 1) if binary else slice(1, channels)  # per-image score: foreground classes
-        for i in range(n):
-            dice, iou = _dice(inter[i], total[i]), _iou(inter[i], total[i])
-            row = {"image": pairs[seen + i].image.name,
-                   "dice": dice[fg].mean(), "iou": iou[fg].mean()}
-            if not binary:
-                row.update({f"dice_class{c}": dice[c] for c in range(channels)})
-            rows.append(row)
-        seen += n
+        hard_t, hard_p = hard_masks(y.numpy(), np.asarray(model.predict_on_batch(x), np.float32), cfg)
+        # (3, n, channels): intersection, truth and predicted pixels of each image and channel
+        counts = np.stack([(hard_t & hard_p).sum((1, 2)), hard_t.sum((1, 2)), hard_p.sum((1, 2))])
+        split_counts = split_counts + counts.sum(1)  # (3, channels) over the split
+        rows += [image_row(pairs[len(rows) + j].image.name, *counts[:, j], cfg) for j in range(counts.shape[1])]
+    return summarise(results, rows, split_counts, cfg, out_dir)
 
-    results = {name: value / seen for name, value in soft.items()}
-    results["mean_image_dice"] = float(np.mean([r["dice"] for r in rows]))
-    results["mean_image_iou"] = float(np.mean([r["iou"] for r in rows]))
-    for name, dice, iou in zip(class_names(cfg), _dice(inter_all, total_all), _iou(inter_all, total_all)):
-        results[f"dice_{name}"] = float(dice)
-        results[f"iou_{name}"] = float(iou)
 
+def image_row(name: str, inter: np.ndarray, truth: np.ndarray, pred: np.ndarray, cfg: Config) -> dict:
+    """One image's hard scores: dice and IoU averaged over the foreground classes its truth holds
+    (NaN when it holds none), pixel counts, and for multiclass the dice of each class (NaN where
+    the class is absent from the image's truth)."""
+    fg = slice(0, 1) if cfg.model.num_classes == 1 else slice(1, None)
+    dice = np.where(truth > 0, _ratio(2 * inter, truth + pred), np.nan)
+    iou = np.where(truth > 0, _ratio(inter, truth + pred - inter), np.nan)
+    scored = truth[fg] > 0
+    row = {"image": name, "dice": float(dice[fg][scored].mean()) if scored.any() else np.nan,
+           "iou": float(iou[fg][scored].mean()) if scored.any() else np.nan,
+           "truth_pixels": int(truth[fg].sum()), "predicted_pixels": int(pred[fg].sum())}
+    if cfg.model.num_classes > 1:
+        row.update({f"dice_class{c}": float(dice[c]) for c in range(len(dice))})
+    return row
+
+
+def summarise(results: dict[str, float], rows: list[dict], split: np.ndarray, cfg: Config,
+              out_dir: Path) -> dict[str, float]:
+    """Add the hard means and per-class scores to `results`, write the CSVs, warn about what
+    cannot be scored; NaN values are left out of the results (never logged as a number)."""
+    scored = [r for r in rows if r["truth_pixels"]]
+    results["mean_image_dice"] = float(np.mean([r["dice"] for r in scored])) if scored else np.nan
+    results["mean_image_iou"] = float(np.mean([r["iou"] for r in scored])) if scored else np.nan
+    results["empty_truth_images"] = float(len(rows) - len(scored))
+    results["false_positive_images"] = float(sum(1 for r in rows if not r["truth_pixels"] and r["predicted_pixels"]))
+    inter, truth, pred = split
+    for name, dice, iou, present in zip(class_names(cfg), _ratio(2 * inter, truth + pred),
+                                        _ratio(inter, truth + pred - inter), truth > 0):
+        if not present:
+            print(f"warning: {name} is absent from the test split's truth: dice_{name} and iou_{name} are not reported")
+            continue
+        results[f"dice_{name}"], results[f"iou_{name}"] = float(dice), float(iou)
+    results = {k: v for k, v in results.items() if not np.isnan(v)}
     with open(out_dir / "evaluation.csv", "w", newline="") as f:
         f.write("name,score\n")
         f.writelines(f"{name},{value:.4f}\n" for name, value in results.items())
     with open(out_dir / "per_image.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+        writer.writerows({k: _cell(v) for k, v in r.items()} for r in rows)
     return results
+
+
+def _cell(value) -> str:
+    """A CSV cell: 4 decimals, empty for NaN (nothing to score)."""
+    if isinstance(value, float):
+        return "" if np.isnan(value) else f"{value:.4f}"
+    return value

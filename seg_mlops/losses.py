@@ -105,25 +105,6 @@ def iou_loss(y_true, y_pred):
     return 1.0 - iou_coef(y_true, y_pred)
 
 
-@_register
-def image_dice(y_true, y_pred, smooth: float = 1.0):
-    """Dice per image (sum over H, W, C), then the mean over the batch.
-
-    Unlike dice_coef, a small lesion in one image is not drowned out by a large
-    one in another, and an empty image predicted empty scores 1 on its own.
-
-    Args:
-        y_true: ground truth, (batch, H, W, C).
-        y_pred: predicted probabilities, same shape.
-        smooth: added to numerator and denominator of each image's dice.
-    """
-    y_true, y_pred = _as_float32(y_true, y_pred)
-    axes = tuple(range(1, len(y_true.shape)))
-    intersection = ops.sum(y_true * y_pred, axis=axes)
-    denom = ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes)
-    return ops.mean((2.0 * intersection + smooth) / (denom + smooth))
-
-
 # --- multiclass ------------------------------------------------------------------
 
 
@@ -145,23 +126,97 @@ def per_class_dice(y_true, y_pred, smooth: float = 1.0):
     return (2.0 * intersection + smooth) / (denom + smooth)
 
 
-@_register
-def class_dice(y_true, y_pred, smooth: float = 1.0):
-    """Mean per-class dice over the foreground classes 1..C-1 (channel 0 is background).
+# --- split-level metrics (stateful) ----------------------------------------------
+#
+# The empty rule, the same for every per-image and per-class score here and in evaluate: a score
+# needs something to find. An image (or class) whose truth holds no foreground is skipped, not
+# scored 1 and not scored 0; false positives on such images are counted separately by evaluate.
+# These metrics accumulate over the whole split, so their value does not depend on the batch
+# size or on how images fall into batches: Keras' val_* and evaluate's test_* are the same
+# computation. A split with nothing to score gives NaN (data.prepare refuses such splits first).
 
-    Background dominates most images, so leaving it out keeps the score honest.
-    For C == 1 there is no background channel and this equals dice_coef.
+
+def _foreground(y, channels: int):
+    """The foreground channels: the one sigmoid channel (binary), or 1..C-1 (softmax)."""
+    return y if channels == 1 else y[..., 1:]
+
+
+@_register
+class ClassDice(keras.metrics.Metric):
+    """Soft dice of each foreground class over the whole split, then the mean over the classes
+    present in the split's truth (absent classes are skipped, see the empty rule above).
+
+    Binary: the dice of the foreground over the split. Multiclass: background (channel 0) is left
+    out, so 74 % background cannot make a poor model look good (dice_coef sums every channel
+    including background, which for one-hot masks is close to pixel accuracy).
 
     Args:
-        y_true: one-hot ground truth, (batch, H, W, C).
-        y_pred: softmax probabilities, same shape.
-        smooth: added to numerator and denominator of each class's dice.
+        num_classes: output channels of the model (1 = binary).
+        name: the log key (val_ + name during fit).
     """
-    per_class = per_class_dice(y_true, y_pred, smooth)
-    # The model's output has a static channel count; y_true from a dataset may not.
-    if y_pred.shape[-1] == 1:
-        return per_class[0]
-    return ops.mean(per_class[1:])
+
+    def __init__(self, num_classes: int = 1, name: str = "class_dice", dtype=None):
+        super().__init__(name=name, dtype=dtype)
+        self.num_classes = num_classes
+        classes = max(1, num_classes - 1) if num_classes > 1 else 1
+        self.intersection = self.add_variable(shape=(classes,), initializer="zeros", name="intersection")
+        self.truth = self.add_variable(shape=(classes,), initializer="zeros", name="truth")
+        self.predicted = self.add_variable(shape=(classes,), initializer="zeros", name="predicted")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        y_true, y_pred = _as_float32(y_true, y_pred)
+        y_true, y_pred = _foreground(y_true, self.num_classes), _foreground(y_pred, self.num_classes)
+        axes = tuple(range(len(y_true.shape) - 1))
+        self.intersection.assign_add(ops.sum(y_true * y_pred, axis=axes))
+        self.truth.assign_add(ops.sum(y_true, axis=axes))
+        self.predicted.assign_add(ops.sum(y_pred, axis=axes))
+
+    def result(self):
+        present = ops.cast(self.truth > 0, "float32")
+        dice = 2.0 * self.intersection / ops.maximum(self.truth + self.predicted, 1e-7)
+        return ops.sum(dice * present) / ops.sum(present)  # 0/0 = NaN: nothing to score
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes}
+
+
+@_register
+class ImageDice(keras.metrics.Metric):
+    """Soft dice of each image (the mean over the foreground classes its truth holds), then the
+    mean over the split's images whose truth holds foreground (images with an empty truth are
+    skipped, see the empty rule above).
+
+    Unlike dice_coef, a small lesion in one image is not drowned out by a large one in another.
+
+    Args:
+        num_classes: output channels of the model (1 = binary).
+        name: the log key (val_ + name during fit).
+    """
+
+    def __init__(self, num_classes: int = 1, name: str = "image_dice", dtype=None):
+        super().__init__(name=name, dtype=dtype)
+        self.num_classes = num_classes
+        self.total = self.add_variable(shape=(), initializer="zeros", name="total")
+        self.count = self.add_variable(shape=(), initializer="zeros", name="count")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        y_true, y_pred = _as_float32(y_true, y_pred)
+        y_true, y_pred = _foreground(y_true, self.num_classes), _foreground(y_pred, self.num_classes)
+        axes = tuple(range(1, len(y_true.shape) - 1))  # (batch, classes) sums over H, W
+        truth = ops.sum(y_true, axis=axes)
+        dice = 2.0 * ops.sum(y_true * y_pred, axis=axes) / ops.maximum(truth + ops.sum(y_pred, axis=axes), 1e-7)
+        present = ops.cast(truth > 0, "float32")
+        classes = ops.sum(present, axis=-1)  # foreground classes in each image's truth
+        image = ops.sum(dice * present, axis=-1) / ops.maximum(classes, 1.0)
+        scored = ops.cast(classes > 0, "float32")
+        self.total.assign_add(ops.sum(image * scored))
+        self.count.assign_add(ops.sum(scored))
+
+    def result(self):
+        return self.total / self.count  # 0/0 = NaN: nothing to score
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes}
 
 
 @_register
@@ -204,11 +259,13 @@ LOSSES: dict[str, LossFn] = {
     "categorical_crossentropy": keras.losses.categorical_crossentropy,
 }
 
-METRICS: dict[str, LossFn] = {
+# Functions are Keras' batch-averaged metrics; classes are split-level (built per model with its
+# channel count, see ClassDice).
+METRICS: dict[str, LossFn | type] = {
     "dice_coef": dice_coef,
     "iou_coef": iou_coef,
-    "image_dice": image_dice,
-    "class_dice": class_dice,
+    "image_dice": ImageDice,
+    "class_dice": ClassDice,
     "class_dice_bg": class_dice_bg,
     "binary_accuracy": keras.metrics.binary_accuracy,
     "categorical_accuracy": keras.metrics.categorical_accuracy,
@@ -254,7 +311,7 @@ def get_loss(name: str, where: str = "train.loss") -> LossFn:
     return _lookup("loss", name, LOSSES, where)
 
 
-def get_metric(name: str, where: str = "train.metrics") -> LossFn:
+def get_metric(name: str, where: str = "train.metrics") -> LossFn | type:
     """Return the metric function registered under ``name``.
 
     Args:
@@ -279,13 +336,16 @@ def _check_task(kind: str, name: str, num_classes: int, where: str) -> None:
 
 def for_task(
     num_classes: int, loss: str = "auto", metrics: tuple[str, ...] = ()
-) -> tuple[LossFn, list[LossFn]]:
+) -> tuple[LossFn, list]:
     """Resolve the loss and metrics for a model with ``num_classes`` output channels.
 
     Args:
         num_classes: output channels; 1 means binary (sigmoid), >= 2 multiclass (softmax).
         loss: a key of LOSSES, or "auto" for the task's default.
         metrics: keys of METRICS; empty means the task's default list.
+
+    Returns the loss function and fresh metrics (functions, or new instances of the split-level
+    metric classes): give every compiled model its own list.
     """
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise SegMlopsError(
@@ -299,9 +359,58 @@ def for_task(
     _check_task("loss", loss_name, num_classes, "train.loss")
     metric_fns = []
     for name in metric_names:
-        metric_fns.append(get_metric(name))
+        metric = get_metric(name)
         _check_task("metric", name, num_classes, "train.metrics")
+        metric_fns.append(metric(num_classes) if isinstance(metric, type) else metric)
     return loss_fn, metric_fns
+
+
+def metric_name(metric) -> str:
+    """The log key of a metric (Keras logs `name`, and `val_name` on the valid split)."""
+    return metric.name if isinstance(metric, keras.metrics.Metric) else metric.__name__
+
+
+def for_task(
+    num_classes: int, loss: str = "auto", metrics: tuple[str, ...] = ()
+) -> tuple[LossFn, list]:
+    """Resolve the loss and metrics for a model with ``num_classes`` output channels.
+
+    Args:
+        num_classes: output channels; 1 means binary (sigmoid), >= 2 multiclass (softmax).
+        loss: a key of LOSSES, or "auto" for the task's default.
+        metrics: keys of METRICS; empty means the task's default list.
+
+    Returns the loss function and fresh metrics (functions, or new instances of the split-level
+    metric classes): give every compiled model its own list.
+    """
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise SegMlopsError(
+            f"num_classes must be an integer >= 1, got {num_classes!r}; use 1 for binary"
+        )
+    default_loss, default_metrics = _BINARY_DEFAULTS if num_classes == 1 else _MULTICLASS_DEFAULTS
+    loss_name = default_loss if loss == "auto" else loss
+    metric_names = tuple(metrics) or default_metrics
+
+    loss_fn = get_loss(loss_name)
+    _check_task("loss", loss_name, num_classes, "train.loss")
+    metric_fns = []
+    for name in metric_names:
+        metric = get_metric(name)
+        _check_task("metric", name, num_classes, "train.metrics")
+        metric_fns.append(metric(num_classes) if isinstance(metric, type) else metric)
+    return loss_fn, metric_fns
+
+
+def metric_name(metric) -> str:
+    """The log key of a metric (Keras logs `name`, and `val_name` on the valid split)."""
+    return metric.name if isinstance(metric, keras.metrics.Metric) else metric.__name__
+
+
+def default_monitor(num_classes: int) -> str:
+    """train.monitor "auto": the foreground dice of the task. Binary: val_dice_coef (the reference's
+    metric; for one channel it is the foreground dice). Multiclass: val_class_dice (dice_coef there
+    sums the background channel too, which for one-hot masks is close to pixel accuracy)."""
+    return "val_dice_coef" if num_classes == 1 else "val_class_dice"
 
 
 def monitor_mode(metric_name: str) -> str:

@@ -29,6 +29,7 @@ from seg_mlops.spool import RunSink, server_wait
 
 MODEL_NAME = "model"  # the logged model's name inside a run
 MODEL_URI_TAG = "seg_mlops.model_uri"
+MASK_ENCODING_TAG = "seg_mlops.mask_encoding"  # how binary masks were read (data.prepare decided)
 TRACKING_HOME = Path("tracking")
 # MLflow's HTTP client retries a failed call 7 times with backoff (minutes) inside the call; we
 # shorten that (unless the user set it) so our spool decides how long to wait, without blocking.
@@ -359,9 +360,12 @@ def finish_run(cfg: Config, result, sink: RunSink, run_id: str) -> None:
     out = result.output_dir
     values = result.history[cfg.train.monitor]
     best = (min if losses.monitor_mode(cfg.train.monitor) == "min" else max)(values)
-    results = evaluate.evaluate(result.model, cfg, out)  # local files first: they never need the server
+    # local files first: they never need the server; the config as trained (mask encoding decided)
+    results = evaluate.evaluate(result.model, result.cfg or cfg, out)
     replicas = {"seg_mlops.replicas": str(result.replicas),
                 "seg_mlops.global_batch_size": str(result.replicas * cfg.train.batch_size)}
+    if result.profile is not None:
+        replicas[MASK_ENCODING_TAG] = result.profile.encoding
     wait = server_wait()
     deadline = time.monotonic() + wait
     steps = [
@@ -370,7 +374,8 @@ def finish_run(cfg: Config, result, sink: RunSink, run_id: str) -> None:
         ("tags", lambda: mlflow.set_tags(replicas)),
         ("config.yaml", lambda: mlflow.log_text(config_mod.to_yaml(config_mod.public(cfg)), "config.yaml")),
         ("history files", lambda: log_artifacts(out, ["train_losses.csv", "train_losses.png",
-                                                      "train_metrics.csv", "train_metrics.png"])),
+                                                      "train_metrics.csv", "train_metrics.png",
+                                                      "dataset_profile.json"])),
         ("evaluation", lambda: log_evaluation(results, out)),
         ("model", lambda: log_model(result.model)),
     ]

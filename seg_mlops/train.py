@@ -35,6 +35,7 @@ from seg_mlops.errors import SegMlopsError
 from seg_mlops.model import build_unet
 
 MODEL_FILE = "best_model.keras"
+PROFILE_FILE = "dataset_profile.json"
 JIT_COMPILE = {"auto": "auto", "on": True, "off": False}  # train.jit_compile -> Model.compile
 
 
@@ -46,6 +47,8 @@ class TrainResult:
     model: keras.Model  # with the best weights restored
     epoch_inference: EpochInference | None
     replicas: int = 1  # devices that trained in sync (all workers); global batch = batch_size x this
+    cfg: Config | None = None  # the config as trained: data.binary_mask decided (data.prepare)
+    profile: data.Profile | None = None  # what the validation pass saw (dataset_profile.json)
 
 
 def compile_model(model: keras.Model, cfg: Config) -> list[str]:
@@ -62,7 +65,7 @@ def compile_model(model: keras.Model, cfg: Config) -> list[str]:
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
                   jit_compile=JIT_COMPILE[cfg.train.jit_compile],
                   steps_per_execution=cfg.train.steps_per_execution)
-    names = [m.__name__ for m in metrics]
+    names = [losses.metric_name(m) for m in metrics]
     logged = ["loss", "val_loss"] + names + ["val_" + n for n in names]
     if cfg.train.monitor not in logged:
         raise SegMlopsError(f"train.monitor={cfg.train.monitor!r} is not a logged metric; "
@@ -238,8 +241,13 @@ def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = 
         metric_names = compile_model(model, cfg)
     # train.batch_size is per replica: each step takes batch_size x replicas images in all.
     global_batch = cfg.train.batch_size * distribution.num_replicas_in_sync
+    # config.yaml keeps the config as asked (data.binary_mask: auto), as the run's params do: a
+    # resume compares the two. The decision is in dataset_profile.json and the run's tags.
+    out_cfg = cfg
+    cfg, profile = data.prepare(cfg)  # every file checked, mask encoding decided, foreground present
     train_ds, valid_ds = data.make_datasets(cfg, batch_size=global_batch)
-    out = prepare_output(cfg, overwrite, resume)
+    out = prepare_output(out_cfg, overwrite, resume)
+    (out / PROFILE_FILE).write_text(profile.to_json())
     state = resume_mod.load_state(out) if resume else None
     if state is not None and owner and state.owner and state.owner != owner:
         raise SegMlopsError(f"{out / resume_mod.STATE_DIR} holds the training state of run {state.owner}, not "
@@ -274,7 +282,8 @@ def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = 
         # Fit had ended before the interruption: only the tracked end (evaluation, logging) is left.
         model.load_weights(out / MODEL_FILE)  # what EarlyStopping restores / the best checkpoint
         return TrainResult(out, out / MODEL_FILE, resume_mod.history(state.rows), plain_copy(model, cfg)
-                           if _converted(cfg) else model, inference, distribution.num_replicas_in_sync)
+                           if _converted(cfg) else model, inference, distribution.num_replicas_in_sync,
+                           cfg, profile)
     if state is not None:
         resume_mod.restore_weights(model, out, state)
         restore_history_rows(callbacks, state.rows)
@@ -294,7 +303,7 @@ def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = 
         shutil.rmtree(scratch, ignore_errors=True)
     # The history of both segments of a resumed training, from the saved rows.
     return TrainResult(out, out / MODEL_FILE, resume_mod.history(saver.state.rows), model, inference,
-                       distribution.num_replicas_in_sync)
+                       distribution.num_replicas_in_sync, cfg, profile)
 
 
 def _converted(cfg: Config) -> bool:

@@ -278,7 +278,8 @@ def test_validate_binary_counts_and_bad_file(tmp_path):
     grey = np.array([[0, 255, 255], [0, 0, 200]], np.uint8)
     good = Pair(_png(tmp_path / "i.png", np.zeros((2, 3, 3), np.uint8)), _png(tmp_path / "m.png", grey))
     counts = data.validate([good, good], _cfg("model.image_height=2", "model.image_width=3"))
-    np.testing.assert_array_equal(counts, [6, 6])
+    # binary: the stored values' histogram (before any encoding), over both copies
+    assert {int(v): int(counts[v]) for v in np.flatnonzero(counts)} == {0: 6, 200: 2, 255: 4}
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"")
     with pytest.raises(SegMlopsError, match=f"cannot decode {broken}"):
@@ -397,3 +398,94 @@ def test_encode_binary_grey_equals_rgb():
     rgb = np.repeat(grey[..., None], 3, axis=2)
     np.testing.assert_array_equal(encode_mask(grey, cfg.data, 1), [[0, 0], [1, 1]])
     np.testing.assert_array_equal(encode_mask(rgb, cfg.data, 1), [[0, 0], [1, 1]])
+
+
+# ----------------------------------------------------------------------------- mask encodings (prepare)
+
+def _binary_root(tmp_path: Path, scale: int, dtype=np.uint8) -> Path:
+    """A synthetic binary dataset whose masks store foreground as `scale` (1 = label masks)."""
+    root = synthetic.make_dataset(tmp_path / f"s{scale}", classes=1, size=16, counts=(3, 2, 2), seed=1)
+    for mask in root.glob("*/masks/*.png"):
+        labels = cv2.imread(str(mask), cv2.IMREAD_UNCHANGED) > 0
+        assert cv2.imwrite(str(mask), (labels * scale).astype(dtype))
+    return root
+
+
+@pytest.mark.parametrize(("scale", "dtype", "chosen"), [
+    (255, np.uint8, "threshold"), (1, np.uint8, "nonzero"), (1, np.uint16, "nonzero"),
+    (65535, np.uint16, "threshold")])
+def test_prepare_auto_decides_the_encoding_and_says_so(tmp_path, capsys, scale, dtype, chosen):
+    root = _binary_root(tmp_path, scale, dtype)
+    reference = data.prepare(_cfg(f"data.root={_binary_root(tmp_path / 'ref', 255)}"))[1]
+    cfg, profile = data.prepare(_cfg(f"data.root={root}"))
+    assert cfg.data.binary_mask == chosen and profile.encoding == chosen
+    stored = 1 if scale == 1 else 255  # 16-bit labels kept as stored, 65535 clipped to 255
+    assert set(profile.splits["train"]["mask_values"]) == {0, stored}
+    assert f"-> {chosen}" in capsys.readouterr().out
+    # Whatever the encoding, the same labels: class pixels equal those of the 0/255 masks.
+    for split in data.SPLITS:
+        assert profile.splits[split]["class_pixels"] == reference.splits[split]["class_pixels"]
+        assert profile.splits[split]["class_pixels"][1] > 0
+
+
+def test_read_mask_keeps_16_bit_labels(tmp_path):
+    labels = np.array([[0, 1], [2, 300]], np.uint16)
+    path = tmp_path / "m.png"
+    assert cv2.imwrite(str(path), labels)
+    # The old reader divided by 257: labels 1 and 2 became 0.
+    np.testing.assert_array_equal(data.read_mask(path, 1), [[0, 1], [2, 255]])
+
+
+def test_prepare_refuses_a_split_without_foreground(tmp_path):
+    root = _binary_root(tmp_path, 1)
+    message = _error(data.prepare, _cfg(f"data.root={root}", "data.binary_mask=threshold"))
+    assert message.startswith(f"no foreground in the train split ({root / 'train' / 'masks'})")
+    assert "{0, 1}" in message and "data.binary_mask: auto" in message
+
+
+def test_prepare_warns_about_a_class_absent_from_train(tmp_path, capsys):
+    root = synthetic.make_dataset(tmp_path / "m", classes=3, size=16, counts=(2, 1, 1), seed=1)
+    for mask in (root / "train" / "masks").glob("*.png"):  # class 2 (red) painted as class 1
+        bgr = cv2.imread(str(mask))
+        bgr[(bgr == (0, 0, 255)).all(-1)] = (0, 255, 0)
+        cv2.imwrite(str(mask), bgr)
+    cfg = _cfg(f"data.root={root}", "model.num_classes=3", f"data.rgb_map={synthetic.rgb_map(3)}")
+    _, profile = data.prepare(cfg)
+    assert profile.splits["train"]["class_pixels"][2] == 0
+    assert f"warning: class 2 (colour {list(synthetic.rgb_map(3)[2])} of data.rgb_map) is absent from the train split" \
+        in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- valid_fraction
+
+def test_valid_fraction_carves_whole_groups_seeded(tmp_path):
+    root = tmp_path / "d"
+    stems = [f"{prefix}cell{i}" for i in range(6) for prefix in ("", "flipped_", "rotated_90_")]
+    for stem in stems:
+        _png(root / "train" / "images" / f"{stem}.png", np.zeros((4, 4, 3), np.uint8))
+        _png(root / "train" / "masks" / f"{stem}.png", np.full((4, 4), 255, np.uint8))
+    group = r"(?:flipped_|rotated_\d+_)?(.+)"
+    cfg = _cfg(f"data.root={root}", "data.valid_fraction=0.3", f"data.valid_group={group}")
+    train, valid = data.split_pairs(cfg, "train"), data.split_pairs(cfg, "valid")
+    cells = lambda pairs: {data.group_of(p.image.stem, group) for p in pairs}  # noqa: E731
+    assert len(valid) == 6 and len(train) == 12  # ceil(0.3 * 18) = 6: two whole cells of three
+    assert not cells(train) & cells(valid) and len(cells(valid)) == 2
+    assert data.split_pairs(cfg, "valid") == valid  # seeded: the same carve every time
+    other = data.split_pairs(config.override(cfg, {"seed": 1}), "valid")
+    assert cells(other) != cells(valid)
+    # Without a group pattern every file is its own group.
+    loose = data.split_pairs(config.override(cfg, {"data.valid_group": ""}), "valid")
+    assert len(loose) == 6 and len(cells(loose)) > 2
+
+
+def test_valid_fraction_errors(tmp_path):
+    root = synthetic.make_dataset(tmp_path / "d", classes=1, size=16, counts=(3, 1, 1), seed=1)
+    message = _error(data.split_pairs, _cfg(f"data.root={root}", "data.valid_fraction=0.2"), "valid")
+    assert "data.valid_fraction=0.2" in message and str(root / "valid" / "images") in message
+    import shutil
+    shutil.rmtree(root / "valid")
+    message = _error(data.split_pairs, _cfg(f"data.root={root}"), "valid")
+    assert message == (f"no validation split: {root / 'valid' / 'images'} not found; add it, or set "
+                       "data.valid_fraction: 0.2 to carve one out of train")
+    message = _error(data.split_pairs, _cfg(f"data.root={root}", "data.valid_fraction=0.9"), "valid")
+    assert "leaves no training data" in message

@@ -41,22 +41,26 @@ def test_binary_scores_by_hand(tmp_path):
     results = evaluate.evaluate(constant_model(8, [10.0]), cfg, tmp_path / "eval")
 
     # Hard masks: everything predicted foreground (64 px per image).
-    # a: dice 2*16/(16+64) = 0.4, iou 16/64 = 0.25;  b (empty truth): dice 0/(0+64) = 0, iou 0.
-    assert results["mean_image_dice"] == pytest.approx((0.4 + 0.0) / 2)
-    assert results["mean_image_iou"] == pytest.approx((0.25 + 0.0) / 2)
+    # a: dice 2*16/(16+64) = 0.4, iou 16/64 = 0.25;  b (empty truth): nothing to score, skipped,
+    # and counted as an empty image with false positives.
+    assert results["mean_image_dice"] == pytest.approx(0.4)
+    assert results["mean_image_iou"] == pytest.approx(0.25)
+    assert (results["empty_truth_images"], results["false_positive_images"]) == (1, 1)
     # Whole split: 2*16/(16+128) and 16/(16+128-16).
     assert results["dice_foreground"] == pytest.approx(32 / 144)
     assert results["iou_foreground"] == pytest.approx(16 / 128)
     # Soft, batch-global dice_coef on p = sigmoid(10) everywhere: (2*16p + 1)/(16 + 128p + 1).
     p = 1 / (1 + math.exp(-10))
     assert results["dice_coef"] == pytest.approx((32 * p + 1) / (17 + 128 * p), rel=1e-5)
+    # Soft image_dice: a alone (b's truth is empty): 2*16p / (16 + 64p).
+    assert results["image_dice"] == pytest.approx(32 * p / (16 + 64 * p), rel=1e-5)
 
     with open(tmp_path / "eval" / "per_image.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["image"], r["dice"], r["iou"]) for r in rows] == [("a.png", "0.4000", "0.2500"),
-                                                                 ("b.png", "0.0000", "0.0000")]
+                                                                 ("b.png", "", "")]
     lines = (tmp_path / "eval" / "evaluation.csv").read_text().splitlines()
-    assert lines[0] == "name,score" and "mean_image_dice,0.2000" in lines
+    assert lines[0] == "name,score" and "mean_image_dice,0.4000" in lines
 
 
 def test_multiclass_scores_by_hand(tmp_path):
@@ -72,10 +76,47 @@ def test_multiclass_scores_by_hand(tmp_path):
     # Every pixel predicted class 1. Whole split: class0 truth 80, pred 0 -> 0;
     # class1 truth 32, pred 128, overlap 32 -> 64/160; class2 truth 16, pred 0 -> 0.
     assert [results[f"dice_class{c}"] for c in range(3)] == pytest.approx([0.0, 0.4, 0.0])
-    # Per image over the foreground classes 1, 2: a -> (64/96 + 0)/2; b -> class1 0/64 = 0,
-    # class2 empty/empty = 1 -> 0.5.
-    assert results["mean_image_dice"] == pytest.approx(((64 / 96) / 2 + 0.5) / 2)
+    # Per image over the foreground classes its truth holds: a -> (64/96 + 0)/2; b holds none:
+    # skipped (the old rule scored its empty class 2 as a perfect 1).
+    assert results["mean_image_dice"] == pytest.approx((64 / 96) / 2)
+    assert results["empty_truth_images"] == 1
+    # Soft class_dice: per foreground class over the split, q = softmax of (0, 10, 0) for class 1:
+    # class1 2*32q/(32 + 128q); class2 2*16r/(16 + 128r) with r the class-2 probability.
+    q = math.exp(10) / (math.exp(10) + 2)
+    r = 1 / (math.exp(10) + 2)
+    assert results["class_dice"] == pytest.approx((64 * q / (32 + 128 * q) + 32 * r / (16 + 128 * r)) / 2, rel=1e-4)
     assert {"class_dice", "class_dice_bg", "dice_coef", "loss"} <= set(results)
+
+
+def test_absent_class_is_not_reported(tmp_path, capsys):
+    rgb_map = [[0, 0, 0], [0, 255, 0], [255, 0, 0]]
+    a = np.zeros((8, 8, 3), np.uint8)
+    a[:, :4] = (0, 255, 0)  # class 2 appears in no test mask
+    write_split(tmp_path, "test", {"a": a})
+    cfg = config.load(None, [f"data.root={tmp_path}", "model.image_height=8", "model.image_width=8",
+                             "model.num_classes=3", f"data.rgb_map={rgb_map}"])
+    results = evaluate.evaluate(constant_model(8, [0.0, 10.0, 0.0]), cfg, tmp_path / "eval")
+    # The old rule reported dice_class2 = 1.0 (empty truth, empty prediction) for a class never seen.
+    assert "dice_class2" not in results and "iou_class2" not in results
+    assert results["dice_class1"] == pytest.approx(64 / 96)
+    assert "class2 is absent from the test split's truth" in capsys.readouterr().out
+
+
+def test_test_metrics_equal_keras_validation_metrics(tiny_cfg, tmp_path):
+    """val_* (Keras during fit) and test_* (evaluate) are one computation: on the same 5 images at
+    batch 4 they agree. On the old main evaluate weighted each batch by its size while Keras
+    averaged batches equally (0.160 vs 0.112 was seen)."""
+    from seg_mlops import synthetic, train
+
+    root = synthetic.make_dataset(tmp_path / "data", classes=1, size=48, counts=(8, 5, 1), seed=3)
+    cfg = tiny_cfg(f"data.root={root}", f"data.test_images={root / 'valid' / 'images'}",
+                   f"data.test_masks={root / 'valid' / 'masks'}", "train.epochs=1", "train.patience=0",
+                   "train.epoch_infer_count=0")
+    result = train.train(cfg, verbose=0)
+    results = evaluate.evaluate(result.model, result.cfg, tmp_path / "eval")
+    for name in ("loss", "dice_coef", "iou_coef", "image_dice"):
+        assert results[name] == pytest.approx(result.history[f"val_{name}"][-1], rel=1e-4, abs=1e-6), name
+
 
 
 def test_infer_writes_masks_at_original_size(tmp_path):

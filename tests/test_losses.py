@@ -44,20 +44,41 @@ def test_iou_coef_3x3_by_hand():
     assert float(losses.iou_loss(TRUTH_3X3, PRED_3X3)) == pytest.approx(0.6)
 
 
-@pytest.mark.parametrize("metric", [losses.dice_coef, losses.iou_coef, losses.image_dice])
-def test_empty_truth_and_empty_prediction_score_one(metric):
-    # every sum is 0 -> (0 + 1) / (0 + 1) = 1; the unsmoothed reference IoU gave NaN here
+@pytest.mark.parametrize("metric", [losses.dice_coef, losses.iou_coef])
+def test_smoothed_batch_metrics_score_empty_empty_one(metric):
+    # the reference's formulas (kept for parity): every sum is 0 -> (0 + 1) / (0 + 1) = 1; the
+    # unsmoothed reference IoU gave NaN here
     assert float(metric(EMPTY, EMPTY)) == pytest.approx(1.0)
 
 
-def test_image_dice_differs_from_batch_global_dice():
-    # image A: all 4 pixels true, all 4 predicted; image B: empty truth, 1 false positive
-    truth = t(np.array([[[1, 1], [1, 1]], [[0, 0], [0, 0]]])[..., None])
-    pred = t(np.array([[[1, 1], [1, 1]], [[1, 0], [0, 0]]])[..., None])
-    # global: sum(y*p) = 4, sum(y) = 4, sum(p) = 5 -> (2*4 + 1) / (4 + 5 + 1) = 9/10
-    assert float(losses.dice_coef(truth, pred)) == pytest.approx(0.9)
-    # per image: A = (8 + 1) / (4 + 4 + 1) = 1, B = (0 + 1) / (0 + 1 + 1) = 0.5 -> mean 0.75
-    assert float(losses.image_dice(truth, pred)) == pytest.approx(0.75)
+def score(metric_class, num_classes: int, *batches) -> float:
+    """A split-level metric fed batch by batch, as Keras does during fit and evaluate."""
+    metric = metric_class(num_classes)
+    for truth, pred in batches:
+        metric.update_state(truth, pred)
+    return float(metric.result())
+
+
+@pytest.mark.parametrize("metric_class", [losses.ImageDice, losses.ClassDice])
+def test_split_metrics_have_nothing_to_score_on_empty_truth(metric_class):
+    # The empty rule: no truth, nothing to score -> NaN (never a made-up 1 or 0)
+    assert math.isnan(score(metric_class, 1, (EMPTY, EMPTY)))
+
+
+def test_image_dice_skips_empty_truth_and_ignores_batching():
+    # image A: all 4 pixels true, all 4 predicted; image B: empty truth, 1 false positive;
+    # image C: 2 true pixels, 1 of them predicted
+    a_t, a_p = np.ones((2, 2)), np.ones((2, 2))
+    b_t, b_p = np.zeros((2, 2)), np.array([[1, 0], [0, 0]])
+    c_t, c_p = np.array([[1, 1], [0, 0]]), np.array([[1, 0], [0, 0]])
+    images = lambda *xs: t(np.stack(xs)[..., None])  # noqa: E731
+    # batch-global (the reference's): sum(y*p) = 4, sum(y) = 4, sum(p) = 5 -> 9/10 for A+B
+    assert float(losses.dice_coef(images(a_t, b_t), images(a_p, b_p))) == pytest.approx(0.9)
+    # per image: A = 1, B skipped (empty truth), C = 2*1/(2+1) = 2/3 -> mean 5/6, however batched
+    expected = (1 + 2 / 3) / 2
+    assert score(losses.ImageDice, 1, (images(a_t, b_t, c_t), images(a_p, b_p, c_p))) == pytest.approx(expected)
+    assert score(losses.ImageDice, 1, (images(a_t, b_t), images(a_p, b_p)),
+                 (images(c_t), images(c_p))) == pytest.approx(expected)
 
 
 def test_bce_dice_loss_by_hand():
@@ -87,15 +108,23 @@ def test_per_class_dice_vector():
 
 
 def test_class_dice_excludes_background_and_class_dice_bg_includes_it():
-    # foreground only: (0.6 + 1/3) / 2 = 0.46667
-    assert float(losses.class_dice(TRUTH_3C, PRED_3C)) == pytest.approx((0.6 + 1 / 3) / 2)
-    # all three: (1 + 0.6 + 1/3) / 3 = 0.64444
+    # foreground only, unsmoothed over the split: class 1 2*1/(1+3) = 0.5, class 2 0/(2+0) = 0
+    assert score(losses.ClassDice, 3, (TRUTH_3C, PRED_3C)) == pytest.approx((0.5 + 0) / 2)
+    # all three (smoothed, batch-averaged, the reference's): (1 + 0.6 + 1/3) / 3 = 0.64444
     assert float(losses.class_dice_bg(TRUTH_3C, PRED_3C)) == pytest.approx((1 + 0.6 + 1 / 3) / 3)
 
 
-def test_class_dice_with_one_channel_equals_dice_coef():
-    # one channel has no background to drop: same 0.5 as the 3x3 dice above
-    assert float(losses.class_dice(TRUTH_3X3, PRED_3X3)) == pytest.approx(0.5)
+def test_class_dice_skips_a_class_absent_from_the_truth():
+    # truth has no class 2; the prediction puts class 2 on one pixel. class 1: y 3 px, p 2 px, 2
+    # overlap -> 4/5; class 2 is absent from the truth: skipped, not scored 0 or 1.
+    truth = one_hot([[0, 1], [1, 1]], 3)
+    pred = one_hot([[2, 1], [1, 0]], 3)
+    assert score(losses.ClassDice, 3, (truth, pred)) == pytest.approx(4 / 5)
+
+
+def test_class_dice_with_one_channel_is_the_foreground_dice():
+    # one channel has no background to drop: 2*1 / (3 + 2), unsmoothed
+    assert score(losses.ClassDice, 1, (TRUTH_3X3, PRED_3X3)) == pytest.approx(0.4)
 
 
 def test_cce_dice_loss_by_hand():
@@ -132,16 +161,18 @@ def test_registries_resolve_known_names():
 def test_for_task_defaults():
     loss, metrics = losses.for_task(1)
     assert loss is losses.bce_dice_loss
-    assert metrics == [losses.dice_coef, losses.iou_coef, losses.image_dice]
+    assert [losses.metric_name(m) for m in metrics] == ["dice_coef", "iou_coef", "image_dice"]
+    assert metrics[2].num_classes == 1
 
     loss, metrics = losses.for_task(3)
     assert loss is keras.losses.categorical_crossentropy
-    assert metrics == [losses.dice_coef, losses.class_dice, losses.class_dice_bg]
+    assert [losses.metric_name(m) for m in metrics] == ["dice_coef", "class_dice", "class_dice_bg"]
+    assert isinstance(metrics[1], losses.ClassDice) and metrics[1].num_classes == 3
 
 
 def test_for_task_explicit_names():
     loss, metrics = losses.for_task(1, loss="dice_loss", metrics=("class_dice",))
-    assert loss is losses.dice_loss and metrics == [losses.class_dice]
+    assert loss is losses.dice_loss and [type(m) for m in metrics] == [losses.ClassDice]
 
 
 @pytest.mark.parametrize(
@@ -184,13 +215,13 @@ def test_saved_model_reloads_without_custom_objects(tmp_path):
     outputs = keras.layers.Conv2D(1, 1, activation="sigmoid")(inputs)
     model = keras.Model(inputs, outputs)
     model.compile(optimizer="adam", loss=losses.bce_dice_loss,
-                  metrics=[losses.dice_coef, losses.image_dice])
+                  metrics=[losses.dice_coef, losses.ImageDice(1)])
 
     x = np.random.default_rng(0).random((2, 4, 4, 1)).astype("float32")
     y = (x > 0.5).astype("float32")
     # one step builds the optimizer, so its state is saved and reloaded too
     history = model.fit(x, y, epochs=1, validation_data=(x, y), verbose=0)
-    # the function names become the log keys that monitors such as val_dice_coef rely on
+    # the function and metric names become the log keys that monitors such as val_dice_coef rely on
     assert {"loss", "dice_coef", "image_dice", "val_dice_coef"} <= set(history.history)
     logs = model.evaluate(x, y, verbose=0, return_dict=True)
 
