@@ -98,7 +98,7 @@ NOTES: dict[str, dict[str, str]] = {
         "epoch_change_tiledinfer_dir": "tiled epoch panels go to MLflow (epoch_tiled_infer/)",
         "epoch_change_tiled_infer_dir": "tiled epoch panels go to MLflow (epoch_tiled_infer/)",
         "seedreset_callback": "every run is seeded once with keras.utils.set_random_seed",
-        "dataset_splitter": "seg_mlops needs an explicit valid split ([eval] or [valid])",
+        "dataset_splitter": "without [eval], validation is a seeded 20 % of train (data.valid_fraction)",
     },
     "eval": {"batch_size": "evaluation uses train.batch_size", "eval_dir": _OUTPUTS},
     "infer": {
@@ -399,8 +399,13 @@ class _Mapper:
         valid = "valid" if "valid" in sections else "eval"
         keys = ("images_dir", "masks_dir") if valid == "valid" else ("image_datapath", "mask_datapath")
         if valid not in sections:
-            ini.errors.append(f"{ini.path}: no [eval] (or [valid]) section: seg_mlops needs an explicit "
-                              "validation split; add [eval] image_datapath = \"...\" and mask_datapath = \"...\"")
+            # The reference then took 20 % of train (a sorted 80/20 split, or Keras' validation_split
+            # =0.2 on the last 20 %); a seeded random share of whole files does the same job without
+            # the order bias (its offline-augmented copies sort together).
+            self.out["data"]["valid_fraction"] = 0.2
+            ini.notes.append(f"{ini.path}: no [eval] (or [valid]) section: validation is 20 % of train as in the "
+                             "reference (data.valid_fraction: 0.2, seeded; set data.valid_group to keep "
+                             "augmented copies of one image together)")
         else:
             self.copy(valid, keys[0], "data.valid_images", "path")
             self.copy(valid, keys[1], "data.valid_masks", "path")

@@ -12,6 +12,22 @@ from seg_mlops import config
 from seg_mlops.config import Config, DataConfig, ModelConfig, flatten, load, override, to_yaml
 from seg_mlops.errors import SegMlopsError
 
+# The defaults as load() gives them: train.monitor "auto" resolved for the default binary model.
+DEFAULTS = dataclasses.replace(Config(), train=dataclasses.replace(Config().train, monitor="val_dice_coef"))
+
+
+@pytest.mark.parametrize(("overrides", "monitor"), [
+    ([], "val_dice_coef"),  # binary: dice_coef is the foreground dice
+    (["model.num_classes=3", "data.rgb_map=[[0,0,0],[0,255,0],[255,0,0]]"], "val_class_dice"),
+    (["model.num_classes=3", "data.rgb_map=[[0,0,0],[0,255,0],[255,0,0]]", "train.monitor=val_dice_coef"],
+     "val_dice_coef"),  # an explicit choice is kept
+])
+def test_monitor_auto_is_the_foreground_dice(overrides, monitor):
+    # On the old main the multiclass default was val_dice_coef, which sums the background channel
+    # of one-hot masks: close to pixel accuracy, and what checkpoint, pruning and registry ranked by.
+    assert Config().train.monitor == "auto"
+    assert load(None, overrides).train.monitor == monitor
+
 
 def _write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,11 +49,11 @@ def _error(path_or_text, tmp_path: Path | None = None, overrides=()) -> str:
 
 def test_defaults_load_with_none():
     cfg = load(None)
-    assert cfg == Config()
+    assert cfg == DEFAULTS
     assert cfg.experiment == "default" and cfg.seed == 137
     assert cfg.model.num_classes == 1 and cfg.model.base_filters == 16 and cfg.model.base_kernels == 3
     assert cfg.train.epochs == 50 and cfg.train.learning_rate == 1e-4
-    assert cfg.data.binary_mask == "threshold" and cfg.data.mask_threshold == 128
+    assert cfg.data.binary_mask == "auto" and cfg.data.mask_threshold == 128
     assert cfg.data.rgb_map == () and cfg.train.metrics == ()
     assert cfg.output_dir == Path("outputs/default")
     assert cfg.palette() == [(0, 0, 0), (0, 255, 0)]
@@ -75,7 +91,7 @@ infer:
 
 
 def test_empty_yaml_file_gives_defaults(tmp_path):
-    assert load(_write(tmp_path / "empty.yaml", "# nothing yet\n")) == Config()
+    assert load(_write(tmp_path / "empty.yaml", "# nothing yet\n")) == DEFAULTS
 
 
 def test_empty_section_gives_defaults(tmp_path):
@@ -142,7 +158,7 @@ def test_wrong_type_names_key_and_value(tmp_path, yaml_text, expected):
     ("train:\n  epochs: 0\n", "train.epochs=0: must be >= 1"),
     ("data:\n  mask_threshold: 0\n", "data.mask_threshold=0: must be >= 1"),
     ("data:\n  mask_threshold: 256\n", "data.mask_threshold=256: must be <= 255"),
-    ("data:\n  binary_mask: bool\n", "data.binary_mask='bool': must be one of threshold, nonzero"),
+    ("data:\n  binary_mask: bool\n", "data.binary_mask='bool': must be one of auto, threshold, nonzero"),
     ("model:\n  dropout_rate: 1.0\n", "model.dropout_rate=1.0: must be <= 0.99"),
     ("infer:\n  threshold: -0.1\n", "infer.threshold=-0.1: must be >= 0"),
     ("seed: -5\n", "seed=-5: must be >= 0"),
@@ -337,7 +353,7 @@ def test_to_yaml_round_trips(tmp_path):
 
 
 def test_to_yaml_round_trips_defaults(tmp_path):
-    assert load(_write(tmp_path / "d.yaml", to_yaml(Config()))) == Config()
+    assert load(_write(tmp_path / "d.yaml", to_yaml(Config()))) == DEFAULTS
 
 
 # ----------------------------------------------------------------------------- split_dirs

@@ -212,6 +212,16 @@ def test_duplicate_key_and_missing_required(tmp_path):
     assert str(err.value) == f"{path}:7 [model] dropout_rate: model.dropout_rate=1.5: must be <= 0.99"
 
 
+def test_missing_eval_section_carves_20_percent_of_train(tmp_path):
+    text = MINIMAL.format(model="", rest="").replace(
+        '[eval]\nimage_datapath = "data/valid/images"\nmask_datapath = "data/valid/masks"\n', "")
+    path = write(tmp_path, text)
+    conversion = legacy.convert(path)  # the old converter refused it: "needs an explicit validation split"
+    assert conversion.raw["data"]["valid_fraction"] == 0.2
+    assert "valid_images" not in conversion.raw["data"]
+    assert any("no [eval] (or [valid]) section: validation is 20 % of train" in n for n in conversion.notes)
+
+
 def test_reducer_defaults_follow_the_reference(tmp_path):
     # learning_rate_reducer absent: off (ours is on by default); on without factor/patience:
     # the reference's 0.1 and int(patience / 2)
