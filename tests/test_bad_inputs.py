@@ -166,6 +166,47 @@ def _colour_not_in_map(ws):
     return train(ws)
 
 
+def _label_masks(ws):
+    """Every mask stored as 0/1 labels (a common encoding) instead of 0/255."""
+    for mask in ws.root.glob("*/masks/*.png"):
+        cv2.imwrite(str(mask), (cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE) > 0).astype(np.uint8))
+
+
+def _label_masks_thresholded(ws):
+    # On the old main this trained on all-background masks and scored a perfect 1.0.
+    _label_masks(ws)
+    return train(ws, data={"binary_mask": "threshold"})
+
+
+def _label_masks_auto(ws):
+    _label_masks(ws)
+    return train(ws)
+
+
+def _check_label_masks(ws: Workspace) -> None:
+    import json
+
+    profile = json.loads((ws.out / "dataset_profile.json").read_text())
+    assert profile["mask_encoding"] == "nonzero"
+    assert set(profile["splits"]["train"]["mask_values"]) == {"0", "1"}
+    assert all(profile["splits"][s]["class_pixels"][1] > 0 for s in ("train", "valid", "test"))
+    [run] = runs_of(ws.experiment, os.environ["MLFLOW_TRACKING_URI"])
+    assert run.data.tags["seg_mlops.mask_encoding"] == "nonzero"
+
+
+def _no_valid_split(ws):
+    shutil.rmtree(ws.root / "valid")
+    return train(ws)
+
+
+def _valid_fraction_and_folder(ws):
+    return train(ws, data={"valid_fraction": 0.2})
+
+
+def _bad_valid_group(ws):
+    return train(ws, data={"valid_fraction": 0.2, "valid_group": "cell_(\\d+"})
+
+
 def _empty_split(ws):
     for kind in ("images", "masks"):
         for path in (ws.root / "valid" / kind).iterdir():
@@ -265,6 +306,14 @@ CASES = [
          check=_check_pixels(1)),
     Case("colour_not_in_rgb_map", "mask colour not in rgb_map", _colour_not_in_map, "(255, 0, 255)",
          multiclass=True),
+    Case("label_masks_thresholded", "0/1 label masks with data.binary_mask: threshold", _label_masks_thresholded,
+         "no foreground in the train split"),
+    Case("label_masks_auto", "0/1 label masks (accepted: auto reads them as labels)", _label_masks_auto, "",
+         ok=True, check=_check_label_masks),
+    Case("no_valid_split", "no valid folder and no data.valid_fraction", _no_valid_split, "data.valid_fraction: 0.2"),
+    Case("valid_fraction_and_folder", "data.valid_fraction with a valid folder", _valid_fraction_and_folder,
+         "data.valid_fraction=0.2"),
+    Case("bad_valid_group", "data.valid_group not a regular expression", _bad_valid_group, "data.valid_group="),
     Case("empty_split", "empty split (valid/ has no files)", _empty_split, "no images in"),
     Case("thumbs_db", "non-image file (Thumbs.db) in an image folder", _thumbs_db, "Thumbs.db"),
     Case("missing_data_root", "data.root does not exist", _missing_root, "no-such-data"),
