@@ -70,3 +70,34 @@ def test_drosophila_five_classes_each_get_a_dice_and_training_beats_untrained(tm
     assert trained["dice_class0"] > 0.8
     assert trained["dice_class1"] > 0.2 and trained["dice_class3"] > 0.2
     assert mean(trained) > mean(untrained) + 0.2
+
+
+def test_pap_smear_as_0_1_label_masks_trains_like_0_255(tmp_path):
+    """The same Herlev masks stored as 0/1 labels (a common encoding) must give the same model as
+    the 0/255 originals. On the old main, 0/1 masks were thresholded at 128 into all-background:
+    a model that predicted nothing scored val_dice_coef 1.0."""
+    import shutil
+
+    import cv2
+
+    original = real_data("Herlev-PapSmear-SevereDysplastic")
+    labels = tmp_path / "labels"
+    shutil.copytree(original, labels, ignore=shutil.ignore_patterns("*.json", "*.txt"))
+    for mask in labels.glob("*/masks/*.png"):
+        cv2.imwrite(str(mask), (cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE) >= 128).astype("uint8"))
+
+    def trained(root, name):
+        cfg = config.load(None, [
+            f"data.root={root}", f"train.output_dir={tmp_path / name}", "experiment=pap-smear-labels",
+            "model.image_height=64", "model.image_width=64", "model.base_filters=8", "model.num_layers=4",
+            "model.base_kernels=5", "model.dropout_rate=0.0", "train.batch_size=8", "train.epochs=6",
+            "train.learning_rate=0.003", "train.patience=0", "train.epoch_infer_count=0"])
+        result = train.train(cfg, verbose=0)
+        assert result.profile.encoding == ("nonzero" if name == "labels" else "threshold")
+        return evaluate.evaluate(result.model, result.cfg, tmp_path / f"{name}-eval")
+
+    as_255, as_01 = trained(original, "original"), trained(labels, "labels")
+    print(f"test dice 0/255 masks {as_255['dice_foreground']:.4f}, 0/1 masks {as_01['dice_foreground']:.4f}")
+    assert abs(as_01["dice_foreground"] - as_255["dice_foreground"]) < 0.01
+    assert abs(as_01["mean_image_dice"] - as_255["mean_image_dice"]) < 0.01
+    assert 0.3 < as_01["dice_foreground"] < 0.99  # learned something real, not an empty-mask 1.0
