@@ -228,16 +228,20 @@ class _FailurePolicy:
             _record_failed_run(trial)
             if isinstance(exc, SegMlopsError):
                 raise
-            self.in_a_row += 1
-            print(f"note: trial {trial.number} failed ({reason}); the study goes on")
-            if self.in_a_row >= MAX_CONSECUTIVE_FAILURES:
-                raise SegMlopsError(
-                    f"{self.in_a_row} trials in a row failed in study '{self.cfg.experiment}' (last: trial "
-                    f"{trial.number}, {reason}): a bug or a broken environment rather than the "
-                    "hyper-parameters; rerun with seg-mlops --debug for the traceback") from exc
+            self._count_failure(trial, reason, exc)
             raise _TrialFailed(reason) from exc
         self.in_a_row = 0
         return value
+
+    def _count_failure(self, trial: optuna.Trial, reason: str, exc: Exception) -> None:
+        """Note the failure; at MAX_CONSECUTIVE_FAILURES in a row, stop the study."""
+        self.in_a_row += 1
+        if self.in_a_row >= MAX_CONSECUTIVE_FAILURES:
+            raise SegMlopsError(
+                f"{self.in_a_row} trials in a row failed in study '{self.cfg.experiment}' (last: trial "
+                f"{trial.number}, {reason}): a bug or a broken environment rather than the "
+                "hyper-parameters; rerun with seg-mlops --debug for the traceback") from exc
+        print(f"note: trial {trial.number} failed ({reason}); the study goes on")
 
 
 def _record_failed_run(trial: optuna.Trial) -> None:
