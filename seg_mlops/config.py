@@ -369,8 +369,7 @@ def _validate(cfg: Config) -> Config:
     elif d.rgb_map:
         raise SegMlopsError("data.rgb_map is set but model.num_classes=1 (binary): "
                             "set model.num_classes to the number of colours, or remove data.rgb_map")
-    if m.base_kernels % 2 == 0:
-        raise SegMlopsError(f"model.base_kernels={m.base_kernels}: must be odd")
+    check_model(m)
     if d.valid_group:
         try:
             re.compile(d.valid_group)
@@ -382,6 +381,59 @@ def _validate(cfg: Config) -> Config:
         monitor = "val_dice_coef" if m.num_classes == 1 else "val_class_dice"
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, monitor=monitor))
     return cfg
+
+
+def check_model(m: ModelConfig) -> None:
+    """Raise SegMlopsError naming the model.* keys if model.build_unet could not build `m`.
+
+    The one home of the model's rules: config loading calls it (so `--set` mistakes fail before any
+    work) and so does model.check_args (direct build_unet calls, and tuning.trial_config, which
+    prunes a trial it rejects). Keras-free, so that loading a config stays light; only
+    model.activation needs Keras and is checked by model.check_args.
+    """
+    if m.num_layers < 1:
+        raise SegMlopsError(f"model.num_layers={m.num_layers} must be >= 1; use e.g. 4 to 6")
+    if m.base_filters < 1:
+        raise SegMlopsError(f"model.base_filters={m.base_filters} must be >= 1; use e.g. 16")
+    if m.base_kernels < 1 or m.base_kernels % 2 == 0:
+        raise SegMlopsError(f"model.base_kernels={m.base_kernels} must be an odd number >= 1; use e.g. 3, 5 or 7")
+    if m.dilation < 1:
+        raise SegMlopsError(f"model.dilation={m.dilation} must be >= 1; use 1 for no dilation")
+    if not 0 <= m.dropout_rate < 1:
+        raise SegMlopsError(f"model.dropout_rate={m.dropout_rate} must be in [0, 1); use e.g. 0.05")
+    _check_dropout_depth(m.dropout_rate, m.num_layers)
+    if m.num_classes < 1:
+        raise SegMlopsError(f"model.num_classes={m.num_classes} must be >= 1; use 1 for a binary mask")
+    if m.image_height < 1 or m.image_width < 1:
+        raise SegMlopsError(f"model.image_height={m.image_height} and model.image_width={m.image_width} "
+                            "must both be >= 1; set positive sizes")
+    _check_divisible("image_height", m.image_height, m.num_layers)
+    _check_divisible("image_width", m.image_width, m.num_layers)
+
+
+def _check_dropout_depth(rate: float, num_layers: int) -> None:
+    """Level i drops `rate * i` (the same product as build_unet): at the bridge it must stay below
+    1, else Keras either raises deep in the build (> 1) or silently drops everything (= 1)."""
+    bridge = num_layers - 1
+    if rate * bridge < 1:
+        return
+    largest = (math.ceil(100 / bridge) - 1) / 100  # the largest two-decimal rate below 1 / bridge
+    raise SegMlopsError(
+        f"model.dropout_rate={rate} with model.num_layers={num_layers} gives the bridge (level {bridge}) a "
+        f"dropout of {rate * bridge:.3g}, which must be below 1 (level i drops dropout_rate * i); "
+        f"use model.dropout_rate <= {largest:g}, or fewer model.num_layers")
+
+
+def _check_divisible(key: str, size: int, num_layers: int) -> None:
+    """Every pooling halves the size: the decoder's upsampled maps must match the skips exactly."""
+    divisor = 2 ** (num_layers - 1)
+    if size % divisor == 0:
+        return
+    lower = size // divisor * divisor
+    upper = lower + divisor
+    suggestion = f"{lower} or {upper}" if lower > 0 else f"{upper}"
+    raise SegMlopsError(f"model.{key}={size} is not divisible by 2**(num_layers-1)={divisor} "
+                        f"(model.num_layers={num_layers}); use {suggestion}, or fewer layers")
 
 
 # Each augmentation list, the op whose probability uses it, and what its entries must be.

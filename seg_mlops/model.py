@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import keras
 
+from seg_mlops.config import ModelConfig, check_model
 from seg_mlops.errors import SegMlopsError
 
 __all__ = ["build_unet", "check_args", "kernel_sizes", "dilations"]
@@ -42,19 +43,6 @@ def dilations(dilation: int, num_layers: int) -> list[int]:
     return [max(dilation - i, 1) for i in range(num_layers)]
 
 
-def _check_divisible(key: str, size: int, num_layers: int) -> None:
-    divisor = 2 ** (num_layers - 1)
-    if size % divisor == 0:
-        return
-    lower = size // divisor * divisor
-    upper = lower + divisor
-    suggestion = f"{lower} or {upper}" if lower > 0 else f"{upper}"
-    raise SegMlopsError(
-        f"model.{key}={size} is not divisible by 2**(num_layers-1)={divisor} "
-        f"(model.num_layers={num_layers}); use {suggestion}, or fewer layers"
-    )
-
-
 def check_args(
     *,
     image_height: int,
@@ -69,32 +57,9 @@ def check_args(
     activation: str = "relu",
 ) -> None:
     """Raise SegMlopsError naming the model.* key if build_unet could not build these arguments
-    (cheap: lets a tuner reject a trial before any training)."""
-    if num_layers < 1:
-        raise SegMlopsError(f"model.num_layers={num_layers} must be >= 1; use e.g. 4 to 6")
-    if base_filters < 1:
-        raise SegMlopsError(f"model.base_filters={base_filters} must be >= 1; use e.g. 16")
-    if base_kernels < 1 or base_kernels % 2 == 0:
-        raise SegMlopsError(
-            f"model.base_kernels={base_kernels} must be an odd number >= 1; use e.g. 3, 5 or 7"
-        )
-    if dilation < 1:
-        raise SegMlopsError(f"model.dilation={dilation} must be >= 1; use 1 for no dilation")
-    if not 0 <= dropout_rate < 1:
-        raise SegMlopsError(
-            f"model.dropout_rate={dropout_rate} must be in [0, 1); use e.g. 0.05"
-        )
-    if num_classes < 1:
-        raise SegMlopsError(
-            f"model.num_classes={num_classes} must be >= 1; use 1 for a binary mask"
-        )
-    if image_height < 1 or image_width < 1:
-        raise SegMlopsError(
-            f"model.image_height={image_height} and model.image_width={image_width} "
-            "must both be >= 1; set positive sizes"
-        )
-    _check_divisible("image_height", image_height, num_layers)
-    _check_divisible("image_width", image_width, num_layers)
+    (cheap: lets a tuner reject a trial before any training). The rules live in
+    config.check_model (config loading applies them too); the activation needs Keras, so it is here."""
+    check_model(ModelConfig(**locals()))
     try:
         keras.activations.get(activation)
     except (ValueError, TypeError) as exc:

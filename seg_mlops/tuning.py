@@ -30,7 +30,16 @@ from seg_mlops.model import check_args
 
 RUN_ID_ATTR = "mlflow_run_id"
 MODEL_URI_ATTR = "model_uri"
+FAIL_REASON_ATTR = "fail_reason"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# A trial failing with an unexpected error (not a SegMlopsError) ends FAIL and the study goes on:
+# one OOM or numerical blow-up of an extreme trial must not cost the study. This many in a row,
+# though, is a bug or a broken machine rather than bad hyper-parameters: the study stops then.
+MAX_CONSECUTIVE_FAILURES = 3
+
+
+class _TrialFailed(Exception):
+    """An unexpected error of one trial, already recorded: the only exception study.optimize catches."""
 
 
 # ----------------------------------------------------------------------------- search space
@@ -198,6 +207,56 @@ def objective(trial: optuna.Trial, cfg: Config, parent_run_id: str) -> float:
     return min(values) if losses.monitor_mode(cfg.train.monitor) == "min" else max(values)
 
 
+class _FailurePolicy:
+    """Wraps the objective: a SegMlopsError (bad data, storage, tracking server: the same for every
+    trial) stops the study; any other Exception fails only its trial, with the one-line reason in
+    the trial's `fail_reason`, until MAX_CONSECUTIVE_FAILURES in a row. TrialPruned and
+    KeyboardInterrupt pass through untouched."""
+
+    def __init__(self, cfg: Config, parent_run_id: str):
+        self.cfg, self.parent_run_id, self.in_a_row = cfg, parent_run_id, 0
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        try:
+            value = objective(trial, self.cfg, self.parent_run_id)
+        except optuna.TrialPruned:
+            self.in_a_row = 0
+            raise
+        except Exception as exc:
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line
+            trial.set_user_attr(FAIL_REASON_ATTR, reason)
+            _record_failed_run(trial)
+            if isinstance(exc, SegMlopsError):
+                raise
+            self._count_failure(trial, reason, exc)
+            raise _TrialFailed(reason) from exc
+        self.in_a_row = 0
+        return value
+
+    def _count_failure(self, trial: optuna.Trial, reason: str, exc: Exception) -> None:
+        """Note the failure; at MAX_CONSECUTIVE_FAILURES in a row, stop the study."""
+        self.in_a_row += 1
+        if self.in_a_row >= MAX_CONSECUTIVE_FAILURES:
+            raise SegMlopsError(
+                f"{self.in_a_row} trials in a row failed in study '{self.cfg.experiment}' (last: trial "
+                f"{trial.number}, {reason}): a bug or a broken environment rather than the "
+                "hyper-parameters; rerun with seg-mlops --debug for the traceback") from exc
+        print(f"note: trial {trial.number} failed ({reason}); the study goes on")
+
+
+def _record_failed_run(trial: optuna.Trial) -> None:
+    """Link a trial that failed before training began (_RecordRun never ran) to its FAILED run."""
+    if RUN_ID_ATTR in trial.user_attrs:
+        return
+    try:
+        run = mlflow.last_active_run()
+    except Exception:  # the server is gone: the reason is recorded all the same
+        return
+    if run is not None and run.data.tags.get(registry.TRIAL_TAG) == str(trial.number) \
+            and run.data.tags.get(registry.STUDY_TAG) == trial.study.study_name:
+        trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
+
+
 # ----------------------------------------------------------------------------- a study launch
 
 def finished(study: optuna.Study) -> int:
@@ -208,7 +267,8 @@ def run_study(cfg: Config, *, n_trials: int | None = None, timeout: float | None
     """One launch (one worker) of the dataset's study, inside a parent MLflow run.
 
     Runs trials until the study holds `n_trials` finished trials in all (other workers' included)
-    or `timeout` seconds pass. The config's own values are the first trial of a new study.
+    or `timeout` seconds pass. The config's own values are the first trial of a new study. A trial
+    that fails unexpectedly ends FAIL (see _FailurePolicy) and does not count as finished.
     """
     n_trials = n_trials or cfg.tune.n_trials
     timeout = timeout if timeout is not None else (cfg.tune.timeout or None)
@@ -240,9 +300,10 @@ def run_study(cfg: Config, *, n_trials: int | None = None, timeout: float | None
     status = "FINISHED"
     try:
         if remaining > 0:
+            # No trial count here: MaxTrialsCallback stops once `n_trials` are finished, so a failed
+            # trial does not take a finished one's place (_FailurePolicy bounds a run of failures).
             study.optimize(
-                lambda trial: objective(trial, cfg, parent_id), n_trials=remaining, timeout=timeout,
-                gc_after_trial=True,
+                _FailurePolicy(cfg, parent_id), timeout=timeout, gc_after_trial=True, catch=(_TrialFailed,),
                 callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=FINISHED), log_best])
         else:
             print(f"study '{cfg.experiment}' already has {finished(study)} finished trials (n_trials={n_trials})")

@@ -91,6 +91,7 @@ class Case:
     multiclass: bool = False
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     check: Callable[[Workspace], None] | None = None  # extra assertions (accepted cases)
+    at_load: bool = False  # rejected when the config loads: no MLflow run, no output folder
 
 
 def train(ws: Workspace, **extra) -> list[str]:
@@ -239,6 +240,17 @@ def _not_divisible(ws):
     return train(ws, model={"image_height": 30})
 
 
+def _dropout_all(ws):
+    # 3 levels: the bridge would drop 0.5 * 2 = 1.0, i.e. everything (Keras accepts it silently)
+    return train(ws, model={"dropout_rate": 0.5})
+
+
+def _dropout_over_one(ws):
+    # 5 levels: the bridge would get 0.3 * 4 = 1.2 (Keras raises deep inside the build)
+    return ["train", "--config", str(ws.config()), "--set", "model.dropout_rate=0.3",
+            "--set", "model.num_layers=5"]
+
+
 def _bad_yaml(ws):
     return ["train", "--config", str(ws.config(raw="train:\n  epochs: [1, 2\n"))]
 
@@ -320,7 +332,12 @@ CASES = [
     Case("unknown_key", "unknown config key", _unknown_key, "model.base_filter"),
     Case("wrong_type", "wrong type (train.epochs: many)", _wrong_type, "train.epochs='many'"),
     Case("negative_epochs", "negative epochs", _negative_epochs, "train.epochs=-2"),
-    Case("not_divisible", "image size not divisible by 2^(layers-1)", _not_divisible, "model.image_height=30"),
+    Case("not_divisible", "image size not divisible by 2^(layers-1)", _not_divisible, "model.image_height=30",
+         at_load=True),
+    Case("dropout_all", "dropout_rate x (num_layers-1) = 1 (bridge drops everything)", _dropout_all,
+         "model.dropout_rate=0.5 with model.num_layers=3", at_load=True),
+    Case("dropout_over_one", "dropout_rate x (num_layers-1) > 1 (--set)", _dropout_over_one,
+         "model.dropout_rate=0.3 with model.num_layers=5", at_load=True),
     Case("bad_yaml", "config is not valid YAML", _bad_yaml, "case.yaml"),
     Case("missing_config", "config file missing", _missing_config, "nope.yaml"),
     Case("bad_override", "--set without =value", _bad_override, "train.epochs"),
@@ -390,6 +407,8 @@ def test_bad_input(case: Case, datasets, tmp_path, tracking_store):
     assert "RUNNING" not in statuses, statuses
     assert not (ws.out / "best_model.keras").exists()
     assert not ws.out.exists() or not any(ws.out.rglob("*.keras"))
+    if case.at_load:
+        assert statuses == [] and not ws.out.exists(), statuses
 
 
 def test_debug_shows_the_traceback(datasets, tmp_path):

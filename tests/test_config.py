@@ -276,7 +276,19 @@ def test_set_paths_are_relative_to_the_working_directory(tmp_path, monkeypatch):
      "data.rgb_map entry [-1, 0, 0]: expected [r, g, b] with values 0..255"),
     (["model.num_classes=2", "data.rgb_map=[[0,0,0],[255,0]]"],
      "data.rgb_map entry [255, 0]: expected [r, g, b] with values 0..255"),
-    (["model.base_kernels=4"], "model.base_kernels=4: must be odd"),
+    (["model.base_kernels=4"], "model.base_kernels=4 must be an odd number >= 1; use e.g. 3, 5 or 7"),
+    # Level i drops dropout_rate * i: the bridge (level num_layers-1) must keep something.
+    (["model.dropout_rate=0.3", "model.num_layers=5", "model.image_height=64", "model.image_width=64"],
+     "model.dropout_rate=0.3 with model.num_layers=5 gives the bridge (level 4) a dropout of 1.2, which must "
+     "be below 1 (level i drops dropout_rate * i); use model.dropout_rate <= 0.24, or fewer model.num_layers"),
+    (["model.dropout_rate=0.2", "model.num_layers=6"],
+     "model.dropout_rate=0.2 with model.num_layers=6 gives the bridge (level 5) a dropout of 1, which must "
+     "be below 1 (level i drops dropout_rate * i); use model.dropout_rate <= 0.19, or fewer model.num_layers"),
+    (["model.image_height=30"],
+     "model.image_height=30 is not divisible by 2**(num_layers-1)=32 (model.num_layers=6); use 32, or fewer layers"),
+    (["model.image_width=100", "model.num_layers=4"],
+     "model.image_width=100 is not divisible by 2**(num_layers-1)=8 (model.num_layers=4); use 96 or 104, "
+     "or fewer layers"),
 ])
 def test_cross_key_checks(overrides, expected):
     assert _error(None, overrides=overrides) == expected
@@ -285,6 +297,17 @@ def test_cross_key_checks(overrides, expected):
 def test_cross_key_checks_apply_to_the_yaml_file(tmp_path):
     msg = _error("model:\n  num_classes: 3\ndata:\n  rgb_map: [[0, 0, 0], [0, 255, 0]]\n", tmp_path)
     assert msg.startswith("data.rgb_map has 2 colours but model.num_classes=3")
+
+
+def test_largest_allowed_dropout_is_accepted():
+    # The suggested bound loads and is the largest such two-decimal value (at 2 layers 0.99 is fine).
+    for layers in range(3, 9):
+        message = _error(None, overrides=["model.dropout_rate=0.99", f"model.num_layers={layers}",
+                                          "model.image_height=128", "model.image_width=128"])
+        largest = float(re.search(r"model.dropout_rate <= ([0-9.]+)", message).group(1))
+        cfg = load(None, [f"model.dropout_rate={largest}", f"model.num_layers={layers}",
+                          "model.image_height=128", "model.image_width=128"])
+        assert cfg.model.dropout_rate * (layers - 1) < 1 <= round(largest + 0.01, 2) * (layers - 1)
 
 
 def test_override_checks_across_keys_after_applying_all():

@@ -37,7 +37,8 @@ def test_binary_scores_by_hand(tmp_path):
     a = np.zeros((8, 8), np.uint8)
     a[2:6, 2:6] = 255  # 16 foreground pixels
     write_split(tmp_path, "test", {"a": a, "b": np.zeros((8, 8), np.uint8)})
-    cfg = config.load(None, [f"data.root={tmp_path}", "model.image_height=8", "model.image_width=8"])
+    cfg = config.load(None, [f"data.root={tmp_path}", "model.image_height=8", "model.image_width=8",
+                             "model.num_layers=1"])  # 8 px holds 1 level of a UNet with default depth
     results = evaluate.evaluate(constant_model(8, [10.0]), cfg, tmp_path / "eval")
 
     # Hard masks: everything predicted foreground (64 px per image).
@@ -70,7 +71,7 @@ def test_multiclass_scores_by_hand(tmp_path):
     a[:4, 4:] = (255, 0, 0)  # 16 px class 2; the remaining 16 px are background
     write_split(tmp_path, "test", {"a": a, "b": np.zeros((8, 8, 3), np.uint8)})
     cfg = config.load(None, [f"data.root={tmp_path}", "model.image_height=8", "model.image_width=8",
-                             "model.num_classes=3", f"data.rgb_map={rgb_map}"])
+                             "model.num_layers=1", "model.num_classes=3", f"data.rgb_map={rgb_map}"])
     results = evaluate.evaluate(constant_model(8, [0.0, 10.0, 0.0]), cfg, tmp_path / "eval")
 
     # Every pixel predicted class 1. Whole split: class0 truth 80, pred 0 -> 0;

@@ -138,6 +138,9 @@ def test_unknown_activation_error():
         ({"dropout_rate": -0.1}, "model.dropout_rate=-0.1"),
         ({"num_classes": 0}, "model.num_classes=0"),
         ({"image_width": 34}, "model.image_width=34"),
+        # 3 levels: the bridge would drop 0.5 * 2 = everything (Keras accepts a rate of 1.0)
+        ({"dropout_rate": 0.5}, "model.dropout_rate=0.5 with model.num_layers=3"),
+        ({"dropout_rate": 0.3, "num_layers": 5}, "model.dropout_rate=0.3 with model.num_layers=5"),
     ],
 )
 def test_invalid_values_name_the_key(override, key):

@@ -111,6 +111,116 @@ def test_first_trial_is_the_config_itself(tiny_cfg, tmp_path):
     assert trial.user_attrs[tuning.MODEL_URI_ATTR].startswith("models:/")
 
 
+def test_dropout_too_deep_for_the_depth_is_a_pruned_trial(tiny_cfg, tmp_path):
+    # 3 levels: dropout 0.5 gives the bridge 0.5 * 2 = 1.0 (drops everything); the trial is pruned
+    # as an invalid combination before training, and the study goes on.
+    cfg = tiny_cfg("experiment=deep-dropout", f"tune.storage={tmp_path / 'd.journal'}", "tune.epochs=1",
+                   "tune.n_trials=2", "tune.pruner=none", "tune.space={model.dropout_rate: [0.0, 0.5]}")
+    study = tuning.load_study(cfg)
+    for rate in (0.5, 0.0):
+        study.enqueue_trial({"model.dropout_rate": rate})
+    trials = tuning.run_study(cfg).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE]
+    assert trials[0].user_attrs["invalid"].startswith("model.dropout_rate=0.5 with model.num_layers=3 ")
+    assert tuning.RUN_ID_ATTR not in trials[0].user_attrs  # never trained
+    assert trials[1].params == {"model.dropout_rate": 0.0}
+
+
+def _failing_train(monkeypatch, when, error):
+    """seg_mlops.train.train (our code, inside the trial's MLflow run) raising `error(cfg)` for the
+    trials `when(cfg)` picks: a trial failure where Keras would have one, without mocking Optuna."""
+    from seg_mlops import train as train_mod
+
+    real = train_mod.train
+
+    def train(cfg, **kwargs):
+        if when(cfg):
+            raise error(cfg)
+        return real(cfg, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train", train)
+
+
+def _trial_runs(experiment: str) -> dict[int, mlflow.entities.Run]:
+    from seg_mlops import registry
+
+    runs = mlflow.search_runs(experiment_names=[experiment], output_format="list")
+    return {int(r.data.tags[registry.TRIAL_TAG]): r for r in runs if registry.TRIAL_TAG in r.data.tags}
+
+
+def test_unexpected_trial_error_fails_that_trial_and_the_study_goes_on(tiny_cfg, tmp_path, monkeypatch,
+                                                                      capsys):
+    _failing_train(monkeypatch, lambda cfg: cfg.model.base_filters == 8,
+                   lambda cfg: RuntimeError("out of memory\nallocating a tensor"))
+    cfg = tiny_cfg("experiment=one-bad-trial", f"tune.storage={tmp_path / 'f.journal'}", "tune.epochs=1",
+                   "tune.n_trials=2", "tune.pruner=none", "tune.space={model.base_filters: [4, 8]}")
+    study = tuning.load_study(cfg)
+    for filters in (4, 8, 4):
+        study.enqueue_trial({"model.base_filters": filters})
+    study = tuning.run_study(cfg)  # returns normally
+
+    trials = study.get_trials()
+    # n_trials counts finished trials: the failed one does not use up a place.
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
+                                         optuna.trial.TrialState.COMPLETE]
+    assert trials[1].user_attrs[tuning.FAIL_REASON_ATTR] == "RuntimeError: out of memory allocating a tensor"
+    assert "trial 1 failed (RuntimeError: out of memory allocating a tensor)" in capsys.readouterr().out
+    runs = _trial_runs("one-bad-trial")
+    assert {n: r.info.status for n, r in runs.items()} == {0: "FINISHED", 1: "FAILED", 2: "FINISHED"}
+    assert trials[1].user_attrs[tuning.RUN_ID_ATTR] == runs[1].info.run_id  # the reason leads to the run
+    parent = [r for r in mlflow.search_runs(experiment_names=["one-bad-trial"], output_format="list")
+              if r.info.run_name == "study-one-bad-trial"]
+    assert [r.info.status for r in parent] == ["FINISHED"]
+
+
+def test_user_error_in_a_trial_stops_the_study(tiny_cfg, binary_root, tmp_path, monkeypatch):
+    # The valid split disappears during the study: every later trial would fail the same way.
+    import shutil
+
+    root = shutil.copytree(binary_root, tmp_path / "data")
+
+    def vanish(cfg):
+        if cfg.model.base_filters == 8:
+            shutil.rmtree(root / "valid")
+        return False
+
+    _failing_train(monkeypatch, vanish, None)
+    cfg = tiny_cfg("experiment=data-gone", f"data.root={root}", f"tune.storage={tmp_path / 'g.journal'}",
+                   "tune.epochs=1", "tune.n_trials=3", "tune.pruner=none",
+                   "tune.space={model.base_filters: [4, 8]}")
+    study = tuning.load_study(cfg)
+    for filters in (4, 8, 4):
+        study.enqueue_trial({"model.base_filters": filters})
+    with pytest.raises(SegMlopsError, match=r"^folder not found: .*valid"):
+        tuning.run_study(cfg)
+
+    trials = tuning.load_study(cfg).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
+                                         optuna.trial.TrialState.WAITING]  # the third never started
+    assert trials[1].user_attrs[tuning.FAIL_REASON_ATTR].startswith("SegMlopsError: folder not found: ")
+    assert {n: r.info.status for n, r in _trial_runs("data-gone").items()} == {0: "FINISHED", 1: "FAILED"}
+    parent = [r for r in mlflow.search_runs(experiment_names=["data-gone"], output_format="list")
+              if r.info.run_name == "study-data-gone"]
+    assert [r.info.status for r in parent] == ["FAILED"]
+
+
+def test_consecutive_unexpected_failures_stop_the_study(tiny_cfg, tmp_path, monkeypatch):
+    # Every trial failing the same way is a bug or a broken machine, not bad hyper-parameters.
+    _failing_train(monkeypatch, lambda cfg: True, lambda cfg: ZeroDivisionError("division by zero"))
+    cfg = tiny_cfg("experiment=all-bad", f"tune.storage={tmp_path / 'b.journal'}", "tune.epochs=1",
+                   "tune.n_trials=10", "tune.pruner=none", "tune.space={model.base_filters: [4, 8]}")
+    with pytest.raises(SegMlopsError) as info:
+        tuning.run_study(cfg)
+    assert str(info.value) == (
+        f"{tuning.MAX_CONSECUTIVE_FAILURES} trials in a row failed in study 'all-bad' (last: trial 2, "
+        "ZeroDivisionError: division by zero): a bug or a broken environment rather than the "
+        "hyper-parameters; rerun with seg-mlops --debug for the traceback")
+    trials = tuning.load_study(cfg).get_trials()
+    assert tuning.MAX_CONSECUTIVE_FAILURES == 3
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL] * 3
+    assert all(t.user_attrs[tuning.FAIL_REASON_ATTR] == "ZeroDivisionError: division by zero" for t in trials)
+
+
 # ----------------------------------------------------------------------------- many workers, PostgreSQL
 
 def _worker_yaml(tmp_path, binary_root, name: str, **tune) -> Path:
