@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 import requests
+import urllib3
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
@@ -40,6 +41,10 @@ SPOOL_FILE = "pending.jsonl"
 WAIT_ENV = "SEG_MLOPS_SERVER_WAIT"
 DEFAULT_WAIT_S = 300.0
 BACKOFF_S = (1.0, 30.0)  # first and largest wait between retries
+# No answer from the server: requests' errors, urllib3's where they escape requests, the builtin
+# ConnectionError (refused, reset) and TimeoutError.
+NETWORK_ERRORS = (requests.ConnectionError, requests.Timeout, urllib3.exceptions.ProtocolError,
+                  urllib3.exceptions.TimeoutError, urllib3.exceptions.MaxRetryError, ConnectionError, TimeoutError)
 # MLflow maps these error codes to HTTP 5xx, yet no wait changes the answer.
 PERMANENT_5XX = {ErrorCode.Name(INVALID_STATE), ErrorCode.Name(NOT_IMPLEMENTED)}
 
@@ -66,8 +71,7 @@ def transient(exc: BaseException) -> bool:
         return exc.error_code not in PERMANENT_5XX and _retryable_status(exc.get_http_status_code())
     if isinstance(exc, requests.HTTPError) and exc.response is not None:
         return _retryable_status(exc.response.status_code)
-    # requests' ConnectionError and Timeout, the builtin ConnectionError (refused, reset) and TimeoutError
-    return isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError))
+    return isinstance(exc, NETWORK_ERRORS)
 
 
 def _retryable_status(status: int) -> bool:

@@ -16,6 +16,7 @@ import keras
 import mlflow
 import pytest
 import requests
+import urllib3
 from mlflow.exceptions import RestException
 
 from seg_mlops import lifecycle, resume, spool, tracking
@@ -193,6 +194,32 @@ def test_refused_upload_is_reported_at_once_not_retried(server, tmp_path, monkey
     assert len(refusals) == 1 and refusals[0].startswith(f"error: run {run_id}: "), err[-2000:]  # printed at once
 
 
+class DeleteRun(keras.callbacks.Callback):
+    """Deletes the active run when epoch `at` begins, as a user cleaning up the UI might."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at, self.run_id = at, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.at:
+            self.run_id = mlflow.active_run().info.run_id
+            mlflow.MlflowClient().delete_run(self.run_id)
+
+
+def test_run_deleted_mid_training_stops_it_with_the_refusal(server, tiny_cfg, monkeypatch, capfd):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    monkeypatch.setenv(spool.WAIT_ENV, "300")
+    cfg = tiny_cfg("experiment=deleted-mid-run", "train.epochs=8")
+    deleter = DeleteRun(at=1)
+    with pytest.raises(SegMlopsError) as refused:
+        tracking.train(cfg, extra_callbacks=[deleter])
+    assert str(refused.value).startswith(f"run {deleter.run_id}: tracking server {server.url} refused log_")
+    # Epoch 1's records are refused while epoch 2 trains; the next epoch end raises it.
+    assert epochs_saved(cfg.output_dir) <= 3
+    assert "warning: tracking server" not in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("exc, transient", [
     # A connection refused after MLflow's own retries: wrapped in a plain MlflowException.
     (mlflow.exceptions.MlflowException(
@@ -201,6 +228,7 @@ def test_refused_upload_is_reported_at_once_not_retried(server, tmp_path, monkey
     (requests.ConnectionError("refused"), True),
     (requests.Timeout("read timed out"), True),
     (ConnectionRefusedError(111, "refused"), True),
+    (urllib3.exceptions.ProtocolError("Connection aborted."), True),
     (RestException({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "busy"}), True),
     (RestException({"error_code": "REQUEST_LIMIT_EXCEEDED", "message": "slow down"}), True),
     (RestException({"error_code": "INTERNAL_ERROR", "message": "db locked"}), True),
