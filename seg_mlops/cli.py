@@ -292,17 +292,16 @@ def tune(config_path: str, overrides: tuple[str, ...], sets: str, n_trials: int 
 def dashboard(config_path: str, overrides: tuple[str, ...], host: str, port: int) -> None:
     """Start optuna-dashboard on the dataset's study storage."""
     cfg = _load(config_path, overrides)
-    import subprocess
     import sys
 
-    from seg_mlops import tuning
+    from seg_mlops import servers, tuning
 
     url = tuning.storage_url(cfg)
     if "://" not in url and not Path(url).exists():
         raise SegMlopsError(f"no study storage at {url}: run seg-mlops tune first")
     click.echo(f"optuna-dashboard on http://{host}:{port} (storage {tuning.redact(url)}); Ctrl-C stops it")
     cmd = [str(Path(sys.executable).with_name("optuna-dashboard")), url, "--host", host, "--port", str(port)]
-    raise SystemExit(subprocess.call(cmd))
+    raise SystemExit(servers.serve(cmd))  # stopping the command stops the dashboard
 
 
 @cli.command()
@@ -352,10 +351,9 @@ def convert_config(legacy_config: str, relative_to: str | None) -> None:
 @click.option("--port", default=5000, show_default=True)
 def ui(host: str, port: int) -> None:
     """Start the MLflow UI/server over the project's tracking store (tracking/), artifacts proxied."""
-    import subprocess
     import sys
 
-    from seg_mlops import tracking
+    from seg_mlops import servers, tracking
 
     store = tracking.tracking_uri()
     if not store.startswith(("sqlite:", "postgresql", "mysql")):
@@ -372,7 +370,7 @@ def ui(host: str, port: int) -> None:
     # without them the UI starts in a fraction of the time. MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true
     # brings them back.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
-    raise SystemExit(subprocess.call(cmd, env=env))
+    raise SystemExit(servers.serve(cmd, env))  # stopping the command stops uvicorn and its workers too
 
 
 def main() -> None:

@@ -7,6 +7,10 @@ and PNG copies), retrying with exponential backoff. One warning line per outage,
 server is back. `call()` runs the end-of-run uploads (model, artifacts) with the same retries
 until a deadline. MLflow's own HTTP retries are shortened (see `tracking.use_store`) so that this
 layer, not a four-minute blocking retry inside one call, decides how long to wait.
+
+Only what a wait can cure is retried (`transient`: no connection, a timeout, HTTP 5xx, 429). An
+answer that will not change (a deleted run, an invalid value: HTTP 4xx) is `Refused`: reported at
+once in one line naming the run and the call, and nothing more is uploaded to that run.
 """
 
 from __future__ import annotations
@@ -22,8 +26,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import requests
+import urllib3
 from mlflow import MlflowClient
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_STATE, NOT_IMPLEMENTED, ErrorCode
+
+from seg_mlops.errors import SegMlopsError
 
 SPOOL_DIR = "mlflow_spool"
 SPOOL_FILE = "pending.jsonl"
@@ -31,17 +41,55 @@ SPOOL_FILE = "pending.jsonl"
 WAIT_ENV = "SEG_MLOPS_SERVER_WAIT"
 DEFAULT_WAIT_S = 300.0
 BACKOFF_S = (1.0, 30.0)  # first and largest wait between retries
+# No answer from the server: requests' errors, urllib3's where they escape requests, the builtin
+# ConnectionError (refused, reset) and TimeoutError.
+NETWORK_ERRORS = (requests.ConnectionError, requests.Timeout, urllib3.exceptions.ProtocolError,
+                  urllib3.exceptions.TimeoutError, urllib3.exceptions.MaxRetryError, ConnectionError, TimeoutError)
+# MLflow maps these error codes to HTTP 5xx, yet no wait changes the answer.
+PERMANENT_5XX = {ErrorCode.Name(INVALID_STATE), ErrorCode.Name(NOT_IMPLEMENTED)}
+
+
+class Refused(SegMlopsError):
+    """The tracking server refused an upload for good (e.g. the run was deleted)."""
 
 
 def server_wait() -> float:
     """Seconds the end of a run waits for the server ($SEG_MLOPS_SERVER_WAIT, default 300)."""
-    from seg_mlops.errors import SegMlopsError
-
     raw = os.environ.get(WAIT_ENV, "")
     try:
         return float(raw) if raw else DEFAULT_WAIT_S
     except ValueError:
         raise SegMlopsError(f"{WAIT_ENV}={raw!r}: expected a number of seconds") from None
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a failed upload may succeed if retried later: no connection, a timeout, HTTP 5xx or
+    429. MLflow raises RestException (the server's error code) for an answer, and a plain
+    MlflowException (code INTERNAL_ERROR, i.e. 500) around a connection error once its own retries
+    are exhausted; artifact uploads raise requests' errors."""
+    if isinstance(exc, MlflowException):
+        return exc.error_code not in PERMANENT_5XX and _retryable_status(exc.get_http_status_code())
+    if isinstance(exc, requests.HTTPError) and exc.response is not None:
+        return _retryable_status(exc.response.status_code)
+    return isinstance(exc, NETWORK_ERRORS)
+
+
+def _retryable_status(status: int) -> bool:
+    return status == 429 or status >= 500
+
+
+class Backoff:
+    """The waits between retries: BACKOFF_S[0] doubling up to BACKOFF_S[1]; `reset` after a success."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.wait = BACKOFF_S[0]
+
+    def next(self) -> float:
+        wait, self.wait = self.wait, min(2 * self.wait, BACKOFF_S[1])
+        return wait
 
 
 def _brief(exc: BaseException) -> str:
@@ -74,6 +122,7 @@ class RunSink:
         self.down_since: float | None = None  # start of the current outage
         self.outages = 0
         self.delayed = 0  # records uploaded late (after an outage)
+        self.refused: str | None = None  # the message of an upload the server refused for good
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._work, name="mlflow-sink", daemon=True)
@@ -92,6 +141,7 @@ class RunSink:
 
     def _put(self, record: dict) -> None:
         with self._cond:
+            self._check()
             self.pending.append(record)
             if self.down_since is not None:
                 self._save()  # during an outage the spool on disk holds every pending record
@@ -100,12 +150,14 @@ class RunSink:
 
     def flush(self, timeout: float) -> int:
         """Wait until every record is uploaded or `timeout` seconds pass; returns how many are
-        left (kept in the spool folder for a later upload)."""
+        left (kept in the spool folder for a later upload). Raises Refused if the server refused
+        one for good."""
         deadline = time.monotonic() + timeout
         with self._cond:
             self._cond.notify_all()  # wake the worker from its backoff: retry now
-            while self.pending and time.monotonic() < deadline:
+            while self.pending and self.refused is None and time.monotonic() < deadline:
                 self._cond.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+            self._check()
             if self.pending:
                 self._save()
             return len(self.pending)
@@ -116,31 +168,36 @@ class RunSink:
             self._cond.notify_all()
         self._thread.join(timeout=5)
 
+    def _check(self) -> None:
+        """Raise the server's refusal, if any: once one upload is refused, every later call fails.
+        A fresh exception each time: re-raising one object would pile up its tracebacks."""
+        if self.refused is not None:
+            raise Refused(self.refused)
+
     # ------------------------------------------------------------------ end-of-run uploads
 
     def call(self, what: str, fn: Callable[[], Any], deadline: float) -> tuple[bool, Any]:
-        """Run `fn` (an upload) in this thread, retrying with backoff while the server fails, until
-        `deadline` (time.monotonic()). Returns (done, result)."""
-        wait = BACKOFF_S[0]
+        """Run `fn` (an upload) in this thread, retrying with backoff while the server is
+        unreachable, until `deadline` (time.monotonic()). Returns (done, result); raises Refused
+        when the server refuses it (or refused an earlier upload)."""
+        self._check()
+        backoff = Backoff()
         while True:
-            try:
-                result = fn()
-            except Exception as exc:  # MlflowException, requests/urllib3 errors: all mean "not stored"
-                self._outage(exc, what)
-                if time.monotonic() + wait > deadline:
-                    return False, None
-                time.sleep(wait)
-                wait = min(2 * wait, BACKOFF_S[1])
-                continue
-            with self._cond:
-                if not self.pending:  # else the worker reports the recovery when it has drained them
-                    self._recovered()
-            return True, result
+            done, result = self._attempt(what, fn)
+            if done:
+                with self._cond:
+                    if not self.pending:  # else the worker reports the recovery when it has drained them
+                        self._recovered()
+                return True, result
+            wait = backoff.next()
+            if time.monotonic() + wait > deadline:
+                return False, None
+            time.sleep(wait)
 
     # ------------------------------------------------------------------ worker
 
     def _work(self) -> None:
-        wait = BACKOFF_S[0]
+        backoff = Backoff()
         while True:
             with self._cond:
                 while not self.pending and not self._closed:
@@ -149,15 +206,22 @@ class RunSink:
                     return
                 record = self.pending[0]
             try:
-                self._send(record)
-            except Exception as exc:
+                done, _ = self._attempt(_call_name(record), lambda: self._send(record))
+            except Refused as exc:
+                # This thread cannot stop the training: it says so now, and the training's next
+                # sink call (the next epoch's records, or the end of the run) raises the refusal,
+                # so the run ends FAILED within an epoch instead of training on, unlogged. The
+                # records stay in the spool folder.
+                print(f"error: {exc}; the training stops at the end of this epoch", file=sys.stderr, flush=True)
                 with self._cond:
-                    self._outage(exc, f"{record['kind']} of step {record['step']}")
                     self._save()
-                    self._cond.wait(wait)  # flush() or close() cut the wait short
-                wait = min(2 * wait, BACKOFF_S[1])
+                return
+            if not done:
+                with self._cond:
+                    self._save()
+                    self._cond.wait(backoff.next())  # flush() or close() cut the wait short
                 continue
-            wait = BACKOFF_S[0]
+            backoff.reset()
             with self._cond:
                 self.pending.popleft()
                 if self.down_since is not None:
@@ -167,6 +231,25 @@ class RunSink:
                 if not self.pending:
                     self._recovered()
                 self._cond.notify_all()
+
+    def _attempt(self, what: str, fn: Callable[[], Any]) -> tuple[bool, Any]:
+        """One try of an upload, for both the worker and `call`: (True, result) when it is stored,
+        (False, None) when the server is unreachable (an outage, retried by the caller); a refusal
+        for good raises Refused naming the run and `what`, and every later call raises it too."""
+        try:
+            return True, fn()
+        except Refused:
+            raise  # a refusal already recorded (call() of a flush): reported as it is
+        except Exception as exc:  # MlflowException, requests errors... sorted by `transient`
+            with self._cond:
+                if transient(exc):
+                    self._outage(exc, what)
+                    return False, None
+                self.refused = (f"run {self.run_id}: tracking server {self.client.tracking_uri} refused {what} "
+                                f"({_brief(exc)}); nothing more is uploaded to this run (a deleted run can be "
+                                f"restored: mlflow runs restore --run-id {self.run_id})")
+                self._cond.notify_all()  # a flush() waiting for the records returns now
+            raise Refused(self.refused) from exc
 
     def _send(self, record: dict) -> None:
         if record["kind"] == "metrics":
@@ -225,6 +308,13 @@ class RunSink:
         if not path.is_file():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _call_name(record: dict) -> str:
+    """The MLflow call that uploads `record`, for messages."""
+    if record["kind"] == "metrics":
+        return f"log_batch of step {record['step']}"
+    return f"log_image {record['key']} of step {record['step']}"
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:

@@ -25,7 +25,7 @@ from seg_mlops import data, lifecycle
 from seg_mlops.callbacks import PanelConsumer
 from seg_mlops.config import Config
 from seg_mlops.errors import SegMlopsError
-from seg_mlops.spool import RunSink, server_wait
+from seg_mlops.spool import Refused, RunSink, server_wait
 
 MODEL_NAME = "model"  # the logged model's name inside a run
 MODEL_URI_TAG = "seg_mlops.model_uri"
@@ -327,7 +327,10 @@ def train(cfg: Config, *, overwrite: bool = False, extra_callbacks: Sequence[ker
                                      extra_callbacks=[MLflowLogger(sink), *extra_callbacks])
             finish_run(cfg, result, sink, run_id)
         except BaseException:
-            sink.flush(min(30.0, server_wait()))  # what was logged before the error still reaches the run
+            # What was logged before the error still reaches the run. The original error wins: a
+            # refusal found here was printed by the sink when it happened.
+            with contextlib.suppress(Refused):
+                sink.flush(min(30.0, server_wait()))
             raise
         finally:
             sink.close()

@@ -3,8 +3,14 @@ bad input giving one `Error:` line with exit code 1 (no traceback)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +19,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from seg_mlops.cli import cli
+from tests.test_mlflow import free_port, venv_env, wait_http
 
 
 def run(*args: str, ok: bool = True):
@@ -84,3 +91,82 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"Error: config file not found: {tmp_path / 'missing.yaml'}"
+
+
+def descendants(pid: int) -> set[int]:
+    """The processes below `pid` now (Linux /proc: field 4 of /proc/<pid>/stat is the parent)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rpartition(")")[2].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie holds no port and waits only for its parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+    except OSError:
+        return "(gone)"
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.parametrize("command, signum", [("ui", signal.SIGTERM), ("dashboard", signal.SIGTERM),
+                                             ("ui", signal.SIGINT)])  # SIGINT: Ctrl-C
+def test_stopping_the_command_stops_the_server_and_its_workers(command, signum, tmp_path):
+    import optuna
+
+    port = free_port()
+    env = venv_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    if command == "ui":
+        args, url = ["ui", "--port", str(port)], f"http://127.0.0.1:{port}/health"
+    else:
+        journal = tmp_path / "stop.journal"
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+        optuna.create_study(study_name="stop", storage=storage)
+        path = tmp_path / "dash.yaml"
+        path.write_text(yaml.safe_dump({"experiment": "stop", "tune": {"storage": str(journal)}}))
+        args, url = ["dashboard", "--config", str(path), "--port", str(port)], f"http://127.0.0.1:{port}/api/studies"
+    # Its own session, as a shell job is; the signal goes to seg-mlops alone, not to what it started
+    # (as `kill <pid>` or a process manager sends it).
+    proc = subprocess.Popen([sys.executable, "-m", "seg_mlops.cli", *args], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    started: set[int] = set()
+    try:
+        wait_http(url, proc, seconds=300)  # an mlflow server start on a loaded 2-core machine is slow
+        started = descendants(proc.pid)
+        assert started  # the server (and, for ui, uvicorn and its workers)
+        proc.send_signal(signum)
+        code = proc.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while ({p for p in started if running(p)} or port_open(port)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = {p: cmdline(p) for p in started if running(p)}
+        assert not left, left
+        assert not port_open(port)
+        assert code == 128 + signum  # as a shell reports a command stopped by that signal
+    finally:  # whatever happened, leave nothing behind
+        for pid in {proc.pid, *started, *descendants(proc.pid)}:
+            if running(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=30)

@@ -15,12 +15,23 @@ from pathlib import Path
 import keras
 import mlflow
 import pytest
+import requests
+import urllib3
+from mlflow.exceptions import RestException
 
 from seg_mlops import lifecycle, resume, spool, tracking
+from seg_mlops.errors import SegMlopsError
 from tests.test_mlflow import MLFLOW, free_port, venv_env, wait_http
 from tests.test_resume import epochs_saved, write_yaml
 
 METRICS = ("loss", "val_loss", "dice_coef", "val_dice_coef", "lr", "epoch_seconds")
+
+
+def http_error(status: int) -> requests.HTTPError:
+    """What requests raises for a response with this status (an artifact upload's answer)."""
+    response = requests.Response()
+    response.status_code = status
+    return requests.HTTPError(f"{status} error", response=response)
 
 
 class Server:
@@ -138,3 +149,97 @@ def test_server_lost_for_good_then_resume_uploads(server, binary_root, tmp_path)
     assert_every_epoch_once(run_id, 4)
     assert tracking.MODEL_URI_TAG in run.data.tags and "best_val_dice_coef" in run.data.metrics
     assert not (out / spool.SPOOL_DIR).exists() and not (out / resume.STATE_DIR).exists()
+
+
+def test_refused_upload_is_reported_at_once_not_retried(server, tmp_path, monkeypatch, capfd):
+    # A deleted run: the server answers every write with a permanent error (400). Waiting the 300 s
+    # meant for an outage would not change the answer.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    monkeypatch.setenv(spool.WAIT_ENV, "300")
+    tracking.use_store()
+    client = mlflow.MlflowClient()
+    run_id = client.create_run(client.create_experiment("deleted-run")).info.run_id
+    client.delete_run(run_id)
+
+    # Per-epoch records, uploaded by the background thread: the next sink call raises.
+    sink = spool.RunSink(run_id, tmp_path / "out")
+    try:
+        sink.log_metrics({"loss": 0.5}, step=0)
+        start = time.monotonic()
+        with pytest.raises(SegMlopsError) as refused:
+            sink.flush(timeout=20)
+        assert time.monotonic() - start < 15
+        message = str(refused.value)
+        assert f"run {run_id}" in message and "log_batch" in message and "\n" not in message, message
+        with pytest.raises(SegMlopsError, match=run_id):
+            sink.log_metrics({"loss": 0.4}, step=1)  # the training's next epoch stops there
+        with pytest.raises(SegMlopsError, match=run_id):
+            sink.call("model", lambda: None, deadline=time.monotonic() + 300)
+    finally:
+        sink.close()
+
+    # An end-of-run upload (sink.call): raised at once, naming the run and the call.
+    sink = spool.RunSink(run_id, tmp_path / "out")
+    try:
+        start = time.monotonic()
+        with pytest.raises(SegMlopsError) as refused:
+            sink.call("tags", lambda: client.set_tag(run_id, "k", "v"), deadline=time.monotonic() + 300)
+        assert time.monotonic() - start < 15
+        assert f"run {run_id}" in str(refused.value) and "tags" in str(refused.value)
+    finally:
+        sink.close()
+    err = capfd.readouterr().err
+    assert "warning: tracking server" not in err, err[-2000:]  # not mistaken for an outage
+    refusals = [line for line in err.splitlines() if f"run {run_id}" in line]
+    assert len(refusals) == 1 and refusals[0].startswith(f"error: run {run_id}: "), err[-2000:]  # printed at once
+
+
+class DeleteRun(keras.callbacks.Callback):
+    """Deletes the active run when epoch `at` begins, as a user cleaning up the UI might."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at, self.run_id = at, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.at:
+            self.run_id = mlflow.active_run().info.run_id
+            mlflow.MlflowClient().delete_run(self.run_id)
+
+
+def test_run_deleted_mid_training_stops_it_with_the_refusal(server, tiny_cfg, monkeypatch, capfd):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    monkeypatch.setenv(spool.WAIT_ENV, "300")
+    cfg = tiny_cfg("experiment=deleted-mid-run", "train.epochs=8")
+    deleter = DeleteRun(at=1)
+    with pytest.raises(SegMlopsError) as refused:
+        tracking.train(cfg, extra_callbacks=[deleter])
+    assert str(refused.value).startswith(f"run {deleter.run_id}: tracking server {server.url} refused log_")
+    # Epoch 1's records are refused while epoch 2 trains; the next epoch end raises it.
+    assert epochs_saved(cfg.output_dir) <= 3
+    assert "warning: tracking server" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("exc, transient", [
+    # A connection refused after MLflow's own retries: wrapped in a plain MlflowException.
+    (mlflow.exceptions.MlflowException(
+        "API request to http://127.0.0.1:1/api/2.0/mlflow/runs/log-batch failed with exception "
+        "HTTPConnectionPool(host='127.0.0.1', port=1): Max retries exceeded with url: ..."), True),
+    (requests.ConnectionError("refused"), True),
+    (requests.Timeout("read timed out"), True),
+    (ConnectionRefusedError(111, "refused"), True),
+    (urllib3.exceptions.ProtocolError("Connection aborted."), True),
+    (RestException({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "busy"}), True),
+    (RestException({"error_code": "REQUEST_LIMIT_EXCEEDED", "message": "slow down"}), True),
+    (RestException({"error_code": "INTERNAL_ERROR", "message": "db locked"}), True),
+    (RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "run is deleted"}), False),
+    (RestException({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no run"}), False),
+    (RestException({"error_code": "INVALID_STATE", "message": "run is deleted"}), False),  # a 500 in MLflow's map
+    (RestException({"error_code": "PERMISSION_DENIED", "message": "no"}), False),
+    (http_error(503), True),
+    (http_error(429), True),
+    (http_error(404), False),
+    (ValueError("a bug"), False),
+])
+def test_transient_errors(exc, transient):
+    assert spool.transient(exc) is transient
