@@ -370,49 +370,6 @@ def metric_name(metric) -> str:
     return metric.name if isinstance(metric, keras.metrics.Metric) else metric.__name__
 
 
-def for_task(
-    num_classes: int, loss: str = "auto", metrics: tuple[str, ...] = ()
-) -> tuple[LossFn, list]:
-    """Resolve the loss and metrics for a model with ``num_classes`` output channels.
-
-    Args:
-        num_classes: output channels; 1 means binary (sigmoid), >= 2 multiclass (softmax).
-        loss: a key of LOSSES, or "auto" for the task's default.
-        metrics: keys of METRICS; empty means the task's default list.
-
-    Returns the loss function and fresh metrics (functions, or new instances of the split-level
-    metric classes): give every compiled model its own list.
-    """
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise SegMlopsError(
-            f"num_classes must be an integer >= 1, got {num_classes!r}; use 1 for binary"
-        )
-    default_loss, default_metrics = _BINARY_DEFAULTS if num_classes == 1 else _MULTICLASS_DEFAULTS
-    loss_name = default_loss if loss == "auto" else loss
-    metric_names = tuple(metrics) or default_metrics
-
-    loss_fn = get_loss(loss_name)
-    _check_task("loss", loss_name, num_classes, "train.loss")
-    metric_fns = []
-    for name in metric_names:
-        metric = get_metric(name)
-        _check_task("metric", name, num_classes, "train.metrics")
-        metric_fns.append(metric(num_classes) if isinstance(metric, type) else metric)
-    return loss_fn, metric_fns
-
-
-def metric_name(metric) -> str:
-    """The log key of a metric (Keras logs `name`, and `val_name` on the valid split)."""
-    return metric.name if isinstance(metric, keras.metrics.Metric) else metric.__name__
-
-
-def default_monitor(num_classes: int) -> str:
-    """train.monitor "auto": the foreground dice of the task. Binary: val_dice_coef (the reference's
-    metric; for one channel it is the foreground dice). Multiclass: val_class_dice (dice_coef there
-    sums the background channel too, which for one-hot masks is close to pixel accuracy)."""
-    return "val_dice_coef" if num_classes == 1 else "val_class_dice"
-
-
 def monitor_mode(metric_name: str) -> str:
     """Return "min" for a loss-like log key and "max" for everything else.
 
