@@ -95,7 +95,7 @@ def test_absent_class_is_not_reported(tmp_path, capsys):
     a[:, :4] = (0, 255, 0)  # class 2 appears in no test mask
     write_split(tmp_path, "test", {"a": a})
     cfg = config.load(None, [f"data.root={tmp_path}", "model.image_height=8", "model.image_width=8",
-                             "model.num_classes=3", f"data.rgb_map={rgb_map}"])
+                             "model.num_layers=1", "model.num_classes=3", f"data.rgb_map={rgb_map}"])
     results = evaluate.evaluate(constant_model(8, [0.0, 10.0, 0.0]), cfg, tmp_path / "eval")
     # The old rule reported dice_class2 = 1.0 (empty truth, empty prediction) for a class never seen.
     assert "dice_class2" not in results and "iou_class2" not in results

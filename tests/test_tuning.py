@@ -191,7 +191,7 @@ def test_user_error_in_a_trial_stops_the_study(tiny_cfg, binary_root, tmp_path, 
     study = tuning.load_study(cfg)
     for filters in (4, 8, 4):
         study.enqueue_trial({"model.base_filters": filters})
-    with pytest.raises(SegMlopsError, match=r"^folder not found: .*valid"):
+    with pytest.raises(SegMlopsError, match=r"^no validation split: .*valid"):
         tuning.run_study(cfg)
 
     trials = tuning.load_study(cfg).get_trials()
