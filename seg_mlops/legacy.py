@@ -11,9 +11,9 @@ reported as `file:line [section] key: ...`:
 - keys that are read but have no effect here (output folders, summaries, backups, ...) are notes,
   with the reason.
 
-`convert(path)` returns the mapped nested dict (checked by `config._build` like a YAML file) plus
-the notes; `config.load()` calls it for `.config`/`.ini` paths, and `seg-mlops convert-config`
-prints it as YAML. Paths are resolved relative to the .config file's folder, as the reference's
+`convert(path)` returns the mapped nested dict (checked by `config.from_mapping` like a YAML file)
+plus the notes; `load(path)` turns it into a Config (seg_mlops.loading calls it for `.config`/`.ini`
+paths), and `seg-mlops convert-config` prints it as YAML. Paths are resolved relative to the .config file's folder, as the reference's
 scripts (run from that folder) resolved them.
 """
 
@@ -22,16 +22,16 @@ from __future__ import annotations
 import ast
 import configparser
 import dataclasses
-import difflib
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import yaml
 
-from seg_mlops.errors import SegMlopsError
+from seg_mlops import config
+from seg_mlops.errors import SegMlopsError, did_you_mean
 
 # Augmentation probabilities for the reference's on/off flags. The reference appends the original
 # plus every enabled variant of a file to a pool and draws from it (ops exclusive, never composed);
@@ -245,11 +245,6 @@ def _line_numbers(text: str) -> dict[tuple[str, str | None], int]:
     return lines
 
 
-def _closest(name: str, valid: set[str]) -> str:
-    match = difflib.get_close_matches(name, sorted(valid), n=1, cutoff=0.6)
-    return f"; did you mean '{match[0]}'?" if match else f"; known keys: {', '.join(sorted(valid))}"
-
-
 # ----------------------------------------------------------------------------- typed getters
 
 def _is_number(value: Any) -> bool:
@@ -264,7 +259,7 @@ class _Mapper:
         self.base = ini.path.resolve().parent
         self.out: dict[str, dict[str, Any]] = {s: {} for s in
                                                ("data", "model", "train", "augment", "infer", "tiled_infer")}
-        # our key -> where it came from, so a range/type error from config._build names the line
+        # our key -> where it came from, so a range/type error from config.from_mapping names the line
         self.origin: dict[str, str] = {}
         model = ini.get("model", "model", "TensorflowUNet")
         self.flavour = "flex" if isinstance(model, str) and "flex" in model.lower() else "classic"
@@ -634,9 +629,7 @@ class _Mapper:
         ini = self.ini
         for section in ini.sections:
             if section not in KNOWN:
-                match = difflib.get_close_matches(section, sorted(KNOWN), n=1, cutoff=0.6)
-                ini.error(section, None, "unknown section" + (f"; did you mean [{match[0]}]?" if match else
-                                                              f"; known sections: {', '.join(sorted(KNOWN))}"))
+                ini.error(section, None, "unknown section" + did_you_mean(section, KNOWN))
                 continue
             for (s, key) in ini.values:
                 if s != section or (s, key) in ini.used:
@@ -647,7 +640,7 @@ class _Mapper:
                 elif key in MAPPED.get(section, set()):
                     ini.note(section, key, "unused with the other settings of this file")
                 else:
-                    ini.error(section, key, "unknown key" + _closest(key, KNOWN[section]))
+                    ini.error(section, key, "unknown key" + did_you_mean(key, KNOWN[section]))
 
 
 def convert(path: str | Path) -> Conversion:
@@ -657,7 +650,7 @@ def convert(path: str | Path) -> Conversion:
         path: the .config file; relative paths inside it are resolved from its folder.
 
     Returns:
-        A Conversion whose `raw` is checked by config._build like a YAML file.
+        A Conversion whose `raw` is checked by config.from_mapping like a YAML file.
 
     Raises:
         SegMlopsError: listing every malformed, unknown or unsupported key as `file:line [section] key: ...`.
@@ -685,6 +678,14 @@ def convert(path: str | Path) -> Conversion:
     return conversion
 
 
+def load(path: str | Path, overrides: Iterable[str] | Mapping[str, Any] = ()) -> config.Config:
+    """The Config of a reference .config (as config.load for YAML): converted, its notes printed
+    to stderr, then `overrides` applied (see config.load)."""
+    conversion = convert(path)  # paths already absolute
+    report(conversion.notes)
+    return config.from_mapping(conversion.raw, overrides=overrides)
+
+
 def _line_of(message: str) -> int:
     match = re.match(r"[^\[]*?:(\d+) \[", message)
     return int(match.group(1)) if match else 0
@@ -700,10 +701,8 @@ _Dumper.add_representer(list, lambda dumper, value: dumper.represent_sequence(
 
 def _check(conversion: Conversion, origin: dict[str, str]) -> None:
     """Build the Config now, so a value out of our ranges is reported with its .config line."""
-    from seg_mlops import config
-
     try:
-        config._validate(config._build(config.Config, conversion.raw, "", None))
+        config.from_mapping(conversion.raw)
     except SegMlopsError as exc:
         message = str(exc)
         for ours, where in sorted(origin.items(), key=lambda kv: -len(kv[0])):
@@ -720,8 +719,6 @@ def to_yaml(conversion: Conversion, relative_to: str | Path | None = None) -> st
         relative_to: write paths relative to this folder (the folder the YAML will live in);
             None keeps them absolute.
     """
-    from seg_mlops import config
-
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in conversion.raw.items()}
     if relative_to is not None:
         base = Path(relative_to).resolve()
