@@ -73,7 +73,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """UNet hyper-parameters: exactly the keyword arguments of model.build_unet."""
+    """UNet hyper-parameters: the keyword arguments of model.build_unet, whose defaults are these."""
 
     image_height: int = _key(128, lo=1)
     image_width: int = _key(128, lo=1)
