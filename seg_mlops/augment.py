@@ -29,7 +29,7 @@ from seg_mlops.config import AugmentConfig
 # Order of the per-sample "does this op fire" draws; image-only ops last.
 OPS = ("hflip", "vflip", "rotation", "shrink", "shear", "barrel", "pincushion", "grid",
        "deformation", "distortion", "sharpening", "brightening")
-GEOMETRIC = OPS[:10]
+GEOMETRIC = OPS[:10]  # warp image and mask; the rest change the image only
 TRUNCATE = 3.0  # Gaussian kernels end at 3 sigma (0.3 % of the 1-D weight beyond; scipy uses 4)
 
 
@@ -70,169 +70,259 @@ def make_augmenter(aug: AugmentConfig, height: int, width: int) -> Callable:
     """
     import tensorflow as tf
 
+    frame = _Frame(aug, height, width)
     probs = tf.constant([getattr(aug, op) for op in OPS], tf.float32)
     active = {op for op in OPS if getattr(aug, op) > 0}
-    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
-    grid_y, grid_x = tf.meshgrid(tf.range(height, dtype=tf.float32), tf.range(width, dtype=tf.float32),
-                                 indexing="ij")
-
-    def pick(values, seed):
-        """One entry of a config list, drawn uniformly."""
-        table = tf.constant(values, tf.float32)
-        index = tf.random.stateless_uniform([], seed, 0, len(values), dtype=tf.int32)
-        return tf.gather(table, index)
-
-    def affine(fires, seeds):
-        """The 2x2 backward matrix of flips, rotation, shrink and shear, about the image centre.
-        Output offset u from the centre samples the source at centre + A u; the image sees shear
-        first, then shrink, rotation and flips (A = F R S H, each the inverse of its op)."""
-        eye = tf.eye(2)
-        a = eye
-        if "hflip" in active:
-            a = a @ tf.where(fires[0], tf.constant([[-1.0, 0.0], [0.0, 1.0]]), eye)
-        if "vflip" in active:
-            a = a @ tf.where(fires[1], tf.constant([[1.0, 0.0], [0.0, -1.0]]), eye)
-        if "rotation" in active:
-            theta = pick(aug.angles, seeds[2]) * (math.pi / 180.0)
-            c, s = tf.cos(theta), tf.sin(theta)
-            a = a @ tf.where(fires[2], tf.stack([tf.stack([c, -s]), tf.stack([s, c])]), eye)
-        if "shrink" in active:
-            scale = pick(aug.shrinks, seeds[3])
-            a = a @ tf.where(fires[3], eye / scale, eye)
-        if "shear" in active:  # reference: vertical shear y' = y + k (x - cx)
-            k = pick(aug.shears, seeds[4])
-            a = a @ tf.where(fires[4], tf.stack([tf.stack([1.0, 0.0]), tf.stack([-k, 1.0])]), eye)
-        return a
-
-    def radial(x, y, seed, centers, radius, amount):
-        """Barrel (amount > 0) / pincushion (< 0) inside a circle of radius x width around a drawn
-        centre: a point at distance r samples centre + delta * sin(pi r / 2R) ** amount."""
-        table = tf.constant(centers, tf.float32)
-        centre = tf.gather(table, tf.random.stateless_uniform([], seed, 0, len(centers), dtype=tf.int32))
-        bx, by = centre[0] * (width - 1), centre[1] * (height - 1)
-        big_r = radius * width
-        dx, dy = x - bx, y - by
-        r = tf.sqrt(dx * dx + dy * dy)
-        inside = r < big_r
-        # r = 0 would give 0 ** negative = inf; the factor there multiplies delta = 0 anyway.
-        safe = tf.where(inside & (r > 0), r, big_r)
-        factor = tf.pow(tf.sin(math.pi * safe / (2.0 * big_r)), amount)
-        return tf.where(inside, bx + dx * factor, x), tf.where(inside, by + dy * factor, y)
-
-    def grid_axis(coord, seed, size):
-        """Grid distortion along one axis: grid_steps equal output cells map to source cells
-        stretched by random factors in [1 - limit, 1 + limit] (rescaled to the same total)."""
-        steps = aug.grid_steps
-        factors = tf.random.stateless_uniform([steps], seed, 1.0 - aug.grid_limit, 1.0 + aug.grid_limit)
-        cell = max(size - 1, 1) / steps
-        widths = factors / tf.reduce_sum(factors) * (steps * cell)
-        starts = tf.concat([[0.0], tf.cumsum(widths)[:-1]], 0)
-        k = tf.clip_by_value(tf.cast(tf.floor(coord / cell), tf.int32), 0, steps - 1)
-        return tf.gather(starts, k) + (coord - tf.cast(k, tf.float32) * cell) * tf.gather(widths / cell, k)
-
-    def elastic(seed, sigma):
-        return elastic_field(height, width, sigma, aug.deformation_alpha, seed)
-
-    def distortion(seed, fraction):
-        return -distortion_field(height, width, aug.distortion_sigma, fraction, seed)  # reference: p - d
-
-    def field(fires, seeds):
-        """(dx, dy) displacement of the elastic and distortion ops, zero when neither fires."""
-        if not active & {"deformation", "distortion"}:
-            return None
-        total = tf.zeros([height, width, 2])
-        if "deformation" in active:
-            sigmas = list(aug.deformation_sigmas)
-            index = tf.random.stateless_uniform([], seeds[8], 0, len(sigmas), dtype=tf.int32)
-            noise_seed = tf.random.experimental.stateless_fold_in(seeds[8], 1)
-            # One branch per configured sigma: each kernel (and canvas) keeps a static size.
-            branches = [lambda s=s: elastic(noise_seed, s) for s in sigmas]
-            total += tf.cond(fires[8], lambda: tf.switch_case(index, branches),
-                             lambda: tf.zeros([height, width, 2]))
-        if "distortion" in active:
-            fraction = pick(aug.distortions, seeds[9])
-            noise_seed = tf.random.experimental.stateless_fold_in(seeds[9], 1)
-            total += tf.cond(fires[9], lambda: distortion(noise_seed, fraction),
-                             lambda: tf.zeros([height, width, 2]))
-        return total
-
-    def coordinates(fires, seeds):
-        """Backward map: source (x, y) of every output pixel, the ops composed."""
-        d = field(fires, seeds)
-        x, y = (grid_x, grid_y) if d is None else (grid_x + d[..., 0], grid_y + d[..., 1])
-        # tf.cond, not tf.where: an op that does not fire costs nothing.
-        if "grid" in active:
-            y_seed = tf.random.experimental.stateless_fold_in(seeds[7], 1)
-            x, y = tf.cond(fires[7], lambda: (grid_axis(x, seeds[7], width), grid_axis(y, y_seed, height)),
-                           lambda: (x, y))
-        if "pincushion" in active:
-            x, y = tf.cond(fires[6], lambda: radial(x, y, seeds[6], aug.pincushion_centers,
-                                                    aug.pincushion_radius, aug.pincushion_amount),
-                           lambda: (x, y))
-        if "barrel" in active:
-            x, y = tf.cond(fires[5], lambda: radial(x, y, seeds[5], aug.barrel_centers,
-                                                    aug.barrel_radius, aug.barrel_amount),
-                           lambda: (x, y))
-        a = affine(fires, seeds)
-        u, v = x - cx, y - cy
-        return cx + a[0, 0] * u + a[0, 1] * v, cy + a[1, 0] * u + a[1, 1] * v
-
-    def reflect(coord, size):
-        """Mirror positions outside [0, size-1] back inside (reflect-101: the edge pixel is the
-        mirror's axis and is not repeated)."""
-        if size == 1:
-            return tf.zeros_like(coord)
-        period = 2.0 * (size - 1)
-        coord = tf.math.floormod(coord, period)
-        return tf.where(coord > size - 1, period - coord, coord)
-
-    def remap(image, labels, x, y):
-        """Sample the uint8 image bilinearly (-> float32) and the labels by nearest neighbour at
-        (x, y). The four neighbours come from one gather of uint8 pixels (the cheapest form)."""
-        x, y = reflect(x, width), reflect(y, height)
-        x0f, y0f = tf.floor(x), tf.floor(y)
-        fx, fy = (x - x0f)[..., None], (y - y0f)[..., None]
-        x0, y0 = tf.cast(x0f, tf.int32), tf.cast(y0f, tf.int32)
-        x1, y1 = tf.minimum(x0 + 1, width - 1), tf.minimum(y0 + 1, height - 1)
-        index = tf.stack([y0 * width + x0, y0 * width + x1, y1 * width + x0, y1 * width + x1])
-        v = tf.cast(tf.gather(tf.reshape(image, [height * width, 3]), index), tf.float32)
-        top = v[0] + (v[1] - v[0]) * fx
-        bottom = v[2] + (v[3] - v[2]) * fx
-        nearest = tf.cast(tf.round(y), tf.int32) * width + tf.cast(tf.round(x), tf.int32)
-        return top + (bottom - top) * fy, tf.gather(tf.reshape(labels, [-1]), nearest)
-
-    def sharpen(image):
-        """3x3 kernel -k around, 1 + 8k in the centre (reflect-101 border, as cv2.filter2D)."""
-        k = aug.sharpening_k
-        kernel = tf.constant([[-k, -k, -k], [-k, 1 + 8 * k, -k], [-k, -k, -k]], tf.float32)
-        kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
-        padded = tf.pad(image[None], [[0, 0], [1, 1], [1, 1], [0, 0]], mode="REFLECT")
-        out = tf.nn.depthwise_conv2d(padded, kernel, [1, 1, 1, 1], "VALID")[0]
-        return tf.clip_by_value(out, 0.0, 255.0)  # cv2.filter2D on uint8 saturates likewise
 
     def augment(image, labels, seed):
-        seed = tf.cast(seed, tf.int64)
-        seeds = tf.random.experimental.stateless_split(seed, len(OPS) + 1)
+        # One seed per op (its index in OPS), the last one draws which ops fire.
+        seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), len(OPS) + 1)
         fires = tf.unstack(tf.random.stateless_uniform([len(OPS)], seeds[-1]) < probs)
+        draws = {op: (fires[i], seeds[i]) for i, op in enumerate(OPS) if op in active}
         pixels = tf.cast(image, tf.float32)
         if active & set(GEOMETRIC):
             def warp():
-                x, y = coordinates(fires, seeds)
-                return remap(image, labels, x, y)
+                x, y = _coordinates(frame, draws)
+                return _remap(frame, image, labels, x, y)
             pixels, labels = tf.cond(tf.reduce_any(tf.stack(fires[:len(GEOMETRIC)])), warp,
                                      lambda: (pixels, labels))
-        if "sharpening" in active:
-            pixels = tf.cond(fires[10], lambda: sharpen(pixels), lambda: pixels)
-        if "brightening" in active:
-            # pixel * alpha + beta, saturated to 0..255 (cv2.convertScaleAbs would also mirror
-            # negative values, which only a negative beta can produce; clipping keeps dark dark).
-            pixels = tf.cond(fires[11], lambda: pixels * aug.brightening_alpha + aug.brightening_beta,
-                             lambda: pixels)
+        for op, change in _IMAGE_OPS.items():
+            if op in draws:
+                pixels = tf.cond(draws[op][0], lambda change=change: change(aug, pixels), lambda: pixels)
         # Whole-valued floats round back to the same uint8: a sample no op touched stays identical.
         image = tf.cast(tf.clip_by_value(tf.round(pixels), 0.0, 255.0), tf.uint8)
         return tf.ensure_shape(image, [height, width, 3]), tf.ensure_shape(labels, [height, width])
 
     return augment
+
+
+class _Frame:
+    """What every op needs besides its own draws: the config, the pair size, and the pixel grid."""
+
+    def __init__(self, aug: AugmentConfig, height: int, width: int):
+        import tensorflow as tf
+
+        self.aug, self.height, self.width = aug, height, width
+        self.cx, self.cy = (width - 1) / 2.0, (height - 1) / 2.0
+        self.grid_y, self.grid_x = tf.meshgrid(tf.range(height, dtype=tf.float32),
+                                               tf.range(width, dtype=tf.float32), indexing="ij")
+
+
+def _coordinates(frame: _Frame, draws: dict):
+    """Backward map: source (x, y) of every output pixel, the active ops composed in the order of
+    the tables below (fields, then warps, then the affine matrix about the centre).
+
+    `draws` maps each active op to (fires, seed); tf.cond, not tf.where: an op that does not fire
+    costs nothing.
+    """
+    import tensorflow as tf
+
+    x, y = frame.grid_x, frame.grid_y
+    fields = [op for op in _FIELDS if op in draws]
+    if fields:
+        zeros = tf.zeros([frame.height, frame.width, 2])
+        total = zeros
+        for op in fields:
+            fires, seed = draws[op]
+            total += tf.cond(fires, lambda op=op, seed=seed: _FIELDS[op](frame, seed), lambda: zeros)
+        x, y = x + total[..., 0], y + total[..., 1]
+    for op, warp in _WARPS.items():
+        if op in draws:
+            fires, seed = draws[op]
+            x, y = tf.cond(fires, lambda warp=warp, x=x, y=y, seed=seed: warp(frame, x, y, seed),
+                           lambda x=x, y=y: (x, y))
+    a = tf.eye(2)
+    for op, matrix in _MATRICES.items():
+        if op in draws:
+            fires, seed = draws[op]
+            a = a @ tf.where(fires, matrix(frame.aug, seed), tf.eye(2))
+    u, v = x - frame.cx, y - frame.cy
+    return frame.cx + a[0, 0] * u + a[0, 1] * v, frame.cy + a[1, 0] * u + a[1, 1] * v
+
+
+# ----------------------------------------------------------------------------- the ops
+
+def _pick(values, seed):
+    """One entry of a config list, drawn uniformly."""
+    import tensorflow as tf
+
+    table = tf.constant(values, tf.float32)
+    index = tf.random.stateless_uniform([], seed, 0, len(values), dtype=tf.int32)
+    return tf.gather(table, index)
+
+
+# Affine ops: the 2x2 backward matrix of each (the inverse of the op), (aug, seed) -> matrix.
+# Multiplied in this order, A = F R S H: the image sees shear first, then shrink, rotation, flips.
+
+def _hflip(aug: AugmentConfig, seed):
+    import tensorflow as tf
+
+    return tf.constant([[-1.0, 0.0], [0.0, 1.0]])
+
+
+def _vflip(aug: AugmentConfig, seed):
+    import tensorflow as tf
+
+    return tf.constant([[1.0, 0.0], [0.0, -1.0]])
+
+
+def _rotation(aug: AugmentConfig, seed):
+    import tensorflow as tf
+
+    theta = _pick(aug.angles, seed) * (math.pi / 180.0)
+    c, s = tf.cos(theta), tf.sin(theta)
+    return tf.stack([tf.stack([c, -s]), tf.stack([s, c])])
+
+
+def _shrink(aug: AugmentConfig, seed):
+    import tensorflow as tf
+
+    return tf.eye(2) / _pick(aug.shrinks, seed)
+
+
+def _shear(aug: AugmentConfig, seed):
+    """Reference: vertical shear y' = y + k (x - cx)."""
+    import tensorflow as tf
+
+    k = _pick(aug.shears, seed)
+    return tf.stack([tf.stack([1.0, 0.0]), tf.stack([-k, 1.0])])
+
+
+# Warps: (frame, x, y, seed) -> the source positions (x, y) moved.
+
+def _grid(frame: _Frame, x, y, seed):
+    """Grid distortion, each axis with its own draw."""
+    import tensorflow as tf
+
+    y_seed = tf.random.experimental.stateless_fold_in(seed, 1)
+    return _grid_axis(frame.aug, x, seed, frame.width), _grid_axis(frame.aug, y, y_seed, frame.height)
+
+
+def _grid_axis(aug: AugmentConfig, coord, seed, size: int):
+    """Grid distortion along one axis: grid_steps equal output cells map to source cells
+    stretched by random factors in [1 - limit, 1 + limit] (rescaled to the same total)."""
+    import tensorflow as tf
+
+    steps = aug.grid_steps
+    factors = tf.random.stateless_uniform([steps], seed, 1.0 - aug.grid_limit, 1.0 + aug.grid_limit)
+    cell = max(size - 1, 1) / steps
+    widths = factors / tf.reduce_sum(factors) * (steps * cell)
+    starts = tf.concat([[0.0], tf.cumsum(widths)[:-1]], 0)
+    k = tf.clip_by_value(tf.cast(tf.floor(coord / cell), tf.int32), 0, steps - 1)
+    return tf.gather(starts, k) + (coord - tf.cast(k, tf.float32) * cell) * tf.gather(widths / cell, k)
+
+
+def _pincushion(frame: _Frame, x, y, seed):
+    a = frame.aug
+    return _radial(frame, x, y, seed, a.pincushion_centers, a.pincushion_radius, a.pincushion_amount)
+
+
+def _barrel(frame: _Frame, x, y, seed):
+    a = frame.aug
+    return _radial(frame, x, y, seed, a.barrel_centers, a.barrel_radius, a.barrel_amount)
+
+
+def _radial(frame: _Frame, x, y, seed, centers, radius, amount):
+    """Barrel (amount > 0) / pincushion (< 0) inside a circle of radius x width around a drawn
+    centre: a point at distance r samples centre + delta * sin(pi r / 2R) ** amount."""
+    import tensorflow as tf
+
+    table = tf.constant(centers, tf.float32)
+    centre = tf.gather(table, tf.random.stateless_uniform([], seed, 0, len(centers), dtype=tf.int32))
+    bx, by = centre[0] * (frame.width - 1), centre[1] * (frame.height - 1)
+    big_r = radius * frame.width
+    dx, dy = x - bx, y - by
+    r = tf.sqrt(dx * dx + dy * dy)
+    inside = r < big_r
+    # r = 0 would give 0 ** negative = inf; the factor there multiplies delta = 0 anyway.
+    safe = tf.where(inside & (r > 0), r, big_r)
+    factor = tf.pow(tf.sin(math.pi * safe / (2.0 * big_r)), amount)
+    return tf.where(inside, bx + dx * factor, x), tf.where(inside, by + dy * factor, y)
+
+
+# Displacement fields: (frame, seed) -> (dx, dy) per output pixel, float32 (H, W, 2).
+
+def _deformation(frame: _Frame, seed):
+    """Elastic (Simard), with one of the configured sigmas."""
+    import tensorflow as tf
+
+    sigmas = list(frame.aug.deformation_sigmas)
+    index = tf.random.stateless_uniform([], seed, 0, len(sigmas), dtype=tf.int32)
+    noise_seed = tf.random.experimental.stateless_fold_in(seed, 1)
+    # One branch per configured sigma: each kernel (and canvas) keeps a static size.
+    branches = [lambda s=s: elastic_field(frame.height, frame.width, s, frame.aug.deformation_alpha, noise_seed)
+                for s in sigmas]
+    return tf.switch_case(index, branches)
+
+
+def _distortion(frame: _Frame, seed):
+    import tensorflow as tf
+
+    fraction = _pick(frame.aug.distortions, seed)
+    noise_seed = tf.random.experimental.stateless_fold_in(seed, 1)
+    # reference: p - d
+    return -distortion_field(frame.height, frame.width, frame.aug.distortion_sigma, fraction, noise_seed)
+
+
+# Image-only ops: (aug, float32 pixels) -> pixels, applied after the warp.
+
+def _sharpen(aug: AugmentConfig, pixels):
+    """3x3 kernel -k around, 1 + 8k in the centre (reflect-101 border, as cv2.filter2D)."""
+    import tensorflow as tf
+
+    k = aug.sharpening_k
+    kernel = tf.constant([[-k, -k, -k], [-k, 1 + 8 * k, -k], [-k, -k, -k]], tf.float32)
+    kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
+    padded = tf.pad(pixels[None], [[0, 0], [1, 1], [1, 1], [0, 0]], mode="REFLECT")
+    out = tf.nn.depthwise_conv2d(padded, kernel, [1, 1, 1, 1], "VALID")[0]
+    return tf.clip_by_value(out, 0.0, 255.0)  # cv2.filter2D on uint8 saturates likewise
+
+
+def _brighten(aug: AugmentConfig, pixels):
+    """pixel * alpha + beta; saturated to 0..255 by the final cast (cv2.convertScaleAbs would also
+    mirror negative values, which only a negative beta can produce; clipping keeps dark dark)."""
+    return pixels * aug.brightening_alpha + aug.brightening_beta
+
+
+# Every op of OPS (its probability is the AugmentConfig field of the same name) in one table each,
+# in the order it is applied.
+_FIELDS = {"deformation": _deformation, "distortion": _distortion}
+_WARPS = {"grid": _grid, "pincushion": _pincushion, "barrel": _barrel}
+_MATRICES = {"hflip": _hflip, "vflip": _vflip, "rotation": _rotation, "shrink": _shrink, "shear": _shear}
+_IMAGE_OPS = {"sharpening": _sharpen, "brightening": _brighten}
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def _reflect(coord, size: int):
+    """Mirror positions outside [0, size-1] back inside (reflect-101: the edge pixel is the
+    mirror's axis and is not repeated)."""
+    import tensorflow as tf
+
+    if size == 1:
+        return tf.zeros_like(coord)
+    period = 2.0 * (size - 1)
+    coord = tf.math.floormod(coord, period)
+    return tf.where(coord > size - 1, period - coord, coord)
+
+
+def _remap(frame: _Frame, image, labels, x, y):
+    """Sample the uint8 image bilinearly (-> float32) and the labels by nearest neighbour at
+    (x, y). The four neighbours come from one gather of uint8 pixels (the cheapest form)."""
+    import tensorflow as tf
+
+    height, width = frame.height, frame.width
+    x, y = _reflect(x, width), _reflect(y, height)
+    x0f, y0f = tf.floor(x), tf.floor(y)
+    fx, fy = (x - x0f)[..., None], (y - y0f)[..., None]
+    x0, y0 = tf.cast(x0f, tf.int32), tf.cast(y0f, tf.int32)
+    x1, y1 = tf.minimum(x0 + 1, width - 1), tf.minimum(y0 + 1, height - 1)
+    index = tf.stack([y0 * width + x0, y0 * width + x1, y1 * width + x0, y1 * width + x1])
+    v = tf.cast(tf.gather(tf.reshape(image, [height * width, 3]), index), tf.float32)
+    top = v[0] + (v[1] - v[0]) * fx
+    bottom = v[2] + (v[3] - v[2]) * fx
+    nearest = tf.cast(tf.round(y), tf.int32) * width + tf.cast(tf.round(x), tf.int32)
+    return top + (bottom - top) * fy, tf.gather(tf.reshape(labels, [-1]), nearest)
 
 
 # ----------------------------------------------------------------------------- random fields

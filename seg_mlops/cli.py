@@ -57,13 +57,13 @@ model_option = click.option("--model", "model_path", type=click.Path(), required
 def _load(config_path: str, overrides: tuple[str, ...], sets: str = ""):
     import shlex
 
-    from seg_mlops import config
+    from seg_mlops import loading
 
     try:
         extra = shlex.split(sets)
     except ValueError as exc:  # e.g. an unclosed quote
         raise SegMlopsError(f"--sets {sets!r}: {exc}") from None
-    return config.load(config_path, [*overrides, *extra])
+    return loading.load(config_path, [*overrides, *extra])
 
 
 @click.group(cls=_Group)

@@ -10,7 +10,6 @@ for MLflow params and Optuna search spaces; `override()` applies such a flat dic
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import re
@@ -22,7 +21,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from seg_mlops.errors import SegMlopsError
+from seg_mlops.errors import SegMlopsError, did_you_mean
 
 
 def _key(default: Any, *, lo: float | None = None, hi: float | None = None,
@@ -74,7 +73,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """UNet hyper-parameters: exactly the keyword arguments of model.build_unet."""
+    """UNet hyper-parameters: the keyword arguments of model.build_unet, whose defaults are these."""
 
     image_height: int = _key(128, lo=1)
     image_width: int = _key(128, lo=1)
@@ -260,13 +259,6 @@ SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": 
 
 # ----------------------------------------------------------------------------- conversion
 
-def _closest(name: str, valid: Iterable[str], prefix: str = "") -> str:
-    match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
-    if match:
-        return f"; did you mean '{prefix}{match[0]}'?"
-    return f"; valid keys: {', '.join(prefix + v for v in sorted(valid))}"
-
-
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Convert a YAML value to the field's type, or raise naming the key and the value."""
     bad = SegMlopsError(f"{key}={value!r}: expected {_type_name(hint)}")
@@ -332,7 +324,7 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str, base: Path | None)
     for name, value in values.items():
         key = prefix + str(name)
         if name not in fields:
-            raise SegMlopsError(f"unknown config key '{key}'" + _closest(str(name), fields, prefix))
+            raise SegMlopsError(f"unknown config key '{key}'" + did_you_mean(str(name), fields, prefix))
         if dataclasses.is_dataclass(hints[name]):
             kwargs[name] = _build(hints[name], {} if value is None else value, key + ".", base)
             continue
@@ -477,7 +469,7 @@ def _validate_space(space: Mapping[str, Any]) -> None:
     for key, spec in space.items():
         where = f"tune.space.{key}"
         if key not in searchable:
-            raise SegMlopsError(f"unknown key '{where}'" + _closest(str(key), searchable, "tune.space."))
+            raise SegMlopsError(f"unknown key '{where}'" + did_you_mean(str(key), searchable, "tune.space."))
         hint, meta = searchable[key]
         if meta.get("path") or typing.get_origin(hint) is tuple:
             raise SegMlopsError(f"{where}: paths and lists cannot be searched")
@@ -504,37 +496,38 @@ def _validate_space(space: Mapping[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------- public API
 
-LEGACY_SUFFIXES = (".config", ".ini")  # the reference's train_eval_infer.config (seg_mlops.legacy)
-
 def load(path: str | Path | None = None, overrides: Iterable[str] | Mapping[str, Any] = ()) -> Config:
     """Read a YAML config (None: all defaults) and apply overrides.
 
     Args:
-        path: the YAML file; relative paths inside it are relative to its folder. A `.config` or
-            `.ini` file is read as the reference's train_eval_infer.config (seg_mlops.legacy),
-            its notes printed to stderr.
+        path: the YAML file; relative paths inside it are relative to its folder. (The CLI reads
+            the reference's `.config` files too: seg_mlops.loading picks the reader by suffix.)
         overrides: `section.key=value` strings (as given to `--set`; values parsed as YAML,
             paths relative to the working directory) or a flat `{section.key: value}` mapping.
     """
-    raw: dict[str, Any] = {}
-    base = None
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise SegMlopsError(f"config file not found: {path}")
-        if path.suffix.lower() in LEGACY_SUFFIXES:
-            from seg_mlops import legacy  # lazy: legacy imports this module
+    if path is None:
+        return from_mapping({}, overrides=overrides)
+    path = Path(path)
+    if not path.is_file():
+        raise SegMlopsError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" line {where.line + 1}" if where else ""
+        raise SegMlopsError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    return from_mapping(raw, base=path.resolve().parent, overrides=overrides)
 
-            conversion = legacy.convert(path)  # the reference's INI, mapped; paths already absolute
-            legacy.report(conversion.notes)
-            return _validate(_apply(_build(Config, conversion.raw, "", None), overrides))
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            where = getattr(exc, "problem_mark", None)
-            line = f" line {where.line + 1}" if where else ""
-            raise SegMlopsError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-        base = path.resolve().parent
+
+def from_mapping(raw: Any, base: Path | None = None,
+                 overrides: Iterable[str] | Mapping[str, Any] = ()) -> Config:
+    """A checked Config from a nested mapping as a YAML file holds it (every key, type and range).
+
+    Args:
+        raw: `{"experiment": ..., "model": {...}, ...}`; absent keys keep their defaults.
+        base: the folder relative paths in `raw` are resolved from; None keeps them as given.
+        overrides: as for load().
+    """
     # Cross-key checks run once, after the overrides: `--set model.num_classes=2` may be what
     # makes the file's rgb_map consistent.
     return _validate(_apply(_build(Config, raw, "", base), overrides))
@@ -566,7 +559,7 @@ def _apply(cfg: Config, overrides: Iterable[str] | Mapping[str, Any]) -> Config:
         if not section and name in SECTIONS:
             raise SegMlopsError(f"--set {key}=...: name a key of the section, e.g. {key}.{next(iter(dataclasses.fields(SECTIONS[name]))).name}=...")
         if section and section not in SECTIONS:
-            raise SegMlopsError(f"unknown config section '{section}' in '{key}'" + _closest(section, SECTIONS))
+            raise SegMlopsError(f"unknown config section '{section}' in '{key}'" + did_you_mean(section, SECTIONS))
         (nested.setdefault(section, {}) if section else nested)[name] = value
     changed = _build(Config, {k: v for k, v in nested.items() if k not in SECTIONS}, "", Path.cwd())
     replace = {k: getattr(changed, k) for k in nested if k not in SECTIONS}

@@ -11,9 +11,9 @@ reported as `file:line [section] key: ...`:
 - keys that are read but have no effect here (output folders, summaries, backups, ...) are notes,
   with the reason.
 
-`convert(path)` returns the mapped nested dict (checked by `config._build` like a YAML file) plus
-the notes; `config.load()` calls it for `.config`/`.ini` paths, and `seg-mlops convert-config`
-prints it as YAML. Paths are resolved relative to the .config file's folder, as the reference's
+`convert(path)` returns the mapped nested dict (checked by `config.from_mapping` like a YAML file)
+plus the notes; `load(path)` turns it into a Config (seg_mlops.loading calls it for `.config`/`.ini`
+paths), and `seg-mlops convert-config` prints it as YAML. Paths are resolved relative to the .config file's folder, as the reference's
 scripts (run from that folder) resolved them.
 """
 
@@ -22,16 +22,16 @@ from __future__ import annotations
 import ast
 import configparser
 import dataclasses
-import difflib
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import yaml
 
-from seg_mlops.errors import SegMlopsError
+from seg_mlops import config
+from seg_mlops.errors import SegMlopsError, did_you_mean
 
 # Augmentation probabilities for the reference's on/off flags. The reference appends the original
 # plus every enabled variant of a file to a pool and draws from it (ops exclusive, never composed);
@@ -154,7 +154,37 @@ MAPPED: dict[str, set[str]] = {
 }
 KNOWN = {s: MAPPED.get(s, set()) | set(NOTES.get(s, {})) for s in {*MAPPED, *NOTES}}
 
-_MISSING = object()
+REQUIRED = object()  # the reference fails without the key: an error when absent
+OURS = object()  # the reference's default is ours: nothing to write when absent
+
+# The keys that map one to one: read, type-checked and copied. Other keys need logic (the _Mapper
+# methods below). A default other than REQUIRED/OURS is the reference's own, written when absent.
+_PLAIN = (  # section, key, our key, kind, classic default, FlexUNet default
+    ("model", "image_height", "model.image_height", "int", REQUIRED, REQUIRED),
+    ("model", "image_width", "model.image_width", "int", REQUIRED, REQUIRED),
+    ("model", "base_filters", "model.base_filters", "int", REQUIRED, REQUIRED),
+    ("model", "num_classes", "model.num_classes", "int", OURS, REQUIRED),
+    ("model", "num_layers", "model.num_layers", "int", REQUIRED, 6),
+    ("model", "dropout_rate", "model.dropout_rate", "number", REQUIRED, REQUIRED),
+    ("model", "normalization", "model.batch_norm", "bool", OURS, OURS),
+    ("model", "learning_rate", "train.learning_rate", "number", REQUIRED, OURS),
+    ("model", "clipvalue", "train.clipvalue", "number", 0.2, 0.2),
+    ("train", "epochs", "train.epochs", "int", REQUIRED, REQUIRED),
+    ("train", "batch_size", "train.batch_size", "int", REQUIRED, 4),
+    ("train", "patience", "train.patience", "int", 10, 10),
+)
+
+# The parameter sections of the reference's augmentation ops: [section] key -> augment.<ours>.
+_AUGMENT_PARAMS = {  # section: ((key, our key, kind), ...)
+    "deformation": (("alpah", "deformation_alpha", "number"), ("sigmoids", "deformation_sigmas", "list")),
+    "distortion": (("gaussian_filter_rsigma", "distortion_sigma", "number"), ("distortions", "distortions", "list")),
+    "barrdistortion": (("radius", "barrel_radius", "number"), ("amount", "barrel_amount", "number"),
+                       ("centers", "barrel_centers", "list")),
+    "pincdistortion": (("radius", "pincushion_radius", "number"), ("amount", "pincushion_amount", "number"),
+                       ("centers", "pincushion_centers", "list")),
+    "sharpening": (("k", "sharpening_k", "number"),),
+    "brightening": (("alpha", "brightening_alpha", "number"), ("beta", "brightening_beta", "number")),
+}
 _SECTION_RE = re.compile(r"\[(?P<name>.+)\]")
 _KEY_RE = re.compile(r"(?P<key>[^=:]+?)\s*[=:]")
 
@@ -213,14 +243,14 @@ class _Ini:
     def has(self, section: str, key: str) -> bool:
         return (section, key) in self.values
 
-    def get(self, section: str, key: str, default: Any = _MISSING) -> Any:
+    def get(self, section: str, key: str, default: Any = REQUIRED) -> Any:
         """The value (marked as used), `default` when absent, or an error when required."""
         if (section, key) in self.malformed:
             return None  # already reported
         self.used.add((section, key))
         if (section, key) in self.values:
             return self.values[(section, key)]
-        if default is _MISSING:
+        if default is REQUIRED:
             self.error(section, key, "missing (the reference requires it)")
             return None
         return default
@@ -245,11 +275,6 @@ def _line_numbers(text: str) -> dict[tuple[str, str | None], int]:
     return lines
 
 
-def _closest(name: str, valid: set[str]) -> str:
-    match = difflib.get_close_matches(name, sorted(valid), n=1, cutoff=0.6)
-    return f"; did you mean '{match[0]}'?" if match else f"; known keys: {', '.join(sorted(valid))}"
-
-
 # ----------------------------------------------------------------------------- typed getters
 
 def _is_number(value: Any) -> bool:
@@ -264,7 +289,7 @@ class _Mapper:
         self.base = ini.path.resolve().parent
         self.out: dict[str, dict[str, Any]] = {s: {} for s in
                                                ("data", "model", "train", "augment", "infer", "tiled_infer")}
-        # our key -> where it came from, so a range/type error from config._build names the line
+        # our key -> where it came from, so a range/type error from config.from_mapping names the line
         self.origin: dict[str, str] = {}
         model = ini.get("model", "model", "TensorflowUNet")
         self.flavour = "flex" if isinstance(model, str) and "flex" in model.lower() else "classic"
@@ -275,7 +300,7 @@ class _Mapper:
         self.out[group][name] = value
         self.origin[ours] = self.ini.where(section, key)
 
-    def typed(self, section: str, key: str, kind: str, default: Any = _MISSING) -> Any:
+    def typed(self, section: str, key: str, kind: str, default: Any = REQUIRED) -> Any:
         """get() plus a type check: kind is "int", "number", "bool", "str", "path" or "list"."""
         value = self.ini.get(section, key, default)
         if value is None or value is default:
@@ -293,27 +318,25 @@ class _Mapper:
     def path(self, value: str) -> str:
         return os.path.normpath(self.base / os.path.expanduser(value))
 
-    def copy(self, section: str, key: str, ours: str, kind: str, default: Any = _MISSING) -> Any:
+    def copy(self, section: str, key: str, ours: str, kind: str, default: Any = REQUIRED) -> Any:
+        """typed(), then set() unless the value is missing, malformed or OURS."""
         value = self.typed(section, key, kind, default)
-        if value is not None and value is not _MISSING and (default is _MISSING or self.ini.has(section, key)):
+        if value is not None and value is not OURS:
             self.set(ours, list(value) if isinstance(value, tuple) else value, section, key)
         return value
+
+    def plain(self) -> None:
+        for section, key, ours, kind, classic, flex in _PLAIN:
+            self.copy(section, key, ours, kind, flex if self.flex else classic)
 
     # --------------------------------------------------------------------------- sections
 
     def model(self) -> None:
-        ini, flex = self.ini, self.flex
+        ini = self.ini
         name = ini.get("model", "model", "TensorflowUNet")
         if name not in _MODELS:
             ini.error("model", "model", f"{name!r}: seg_mlops builds the TensorflowUNet graph only; "
                                         "set model = \"TensorflowUNet\" to train it, or keep the reference for this class")
-        for key in ("image_height", "image_width", "base_filters"):
-            self.copy("model", key, f"model.{key}", "int")
-        self.copy("model", "num_classes", "model.num_classes", "int", 1 if not flex else _MISSING)
-        self.copy("model", "num_layers", "model.num_layers", "int", 6 if flex else _MISSING)
-        if not ini.has("model", "num_layers") and flex:
-            self.set("model.num_layers", 6, "model", "num_layers")
-        self.copy("model", "dropout_rate", "model.dropout_rate", "number")
         for key, ours in (("base_kernels", "model.base_kernels"), ("dilation", "model.dilation")):
             value = ini.get("model", key, (3, 3) if key == "base_kernels" else (1, 1))
             if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1] \
@@ -322,7 +345,6 @@ class _Mapper:
             elif value is not None:
                 ini.error("model", key, f"{value!r}: expected a square (k, k) of integers "
                                         f"({ours} is one number for both axes)")
-        self.copy("model", "normalization", "model.batch_norm", "bool", False)
         activation = self.typed("model", "activation", "str", "relu")
         if activation:
             self.set("model.activation", activation.rsplit(".", 1)[-1], "model", "activation")
@@ -333,23 +355,18 @@ class _Mapper:
         optimizer = ini.get("model", "optimizer", "Adam")
         if optimizer != "Adam":
             ini.error("model", "optimizer", f"{optimizer!r}: seg_mlops trains with Adam; set optimizer = \"Adam\"")
-        self.copy("model", "learning_rate", "train.learning_rate", "number", 1e-4 if flex else _MISSING)
-        # the reference's clipvalue default (0.2) differs from ours, so it is always written
-        clip = self.typed("model", "clipvalue", "number", 0.2)
-        if clip is not None:
-            self.set("train.clipvalue", clip, "model", "clipvalue")
 
     def loss_and_metrics(self) -> None:
         ini = self.ini
         classes = self.out["model"].get("num_classes", 1)
-        loss = self.typed("model", "loss", "str", "categorical_crossentropy" if self.flex else _MISSING)
+        loss = self.typed("model", "loss", "str", "categorical_crossentropy" if self.flex else REQUIRED)
         if loss is not None:
             if loss in _LOSSES:
                 self.set("train.loss", _LOSSES[loss], "model", "loss")
             else:
                 ini.error("model", "loss", f"{loss!r} is not available here; use one of "
                                            f"{', '.join(sorted(set(_LOSSES)))}")
-        metrics = self.typed("model", "metrics", "list", ["dice_coef_multiclass"] if self.flex else _MISSING)
+        metrics = self.typed("model", "metrics", "list", ["dice_coef_multiclass"] if self.flex else REQUIRED)
         if metrics is not None:
             names = []
             for metric in metrics:
@@ -419,17 +436,11 @@ class _Mapper:
 
     def train(self) -> None:
         ini, flex = self.ini, self.flex
-        self.copy("train", "epochs", "train.epochs", "int")
-        self.copy("train", "batch_size", "train.batch_size", "int", 4 if flex else _MISSING)
-        if not ini.has("train", "batch_size") and flex:
-            self.set("train.batch_size", 4, "train", "batch_size")
         model_dir = self.typed("train", "model_dir", "path", None)
         if model_dir:
             self.set("train.output_dir", model_dir, "train", "model_dir")
             ini.note("train", "model_dir", "train.output_dir: holds best_model.keras, the CSVs and epoch panels")
-        patience = self.typed("train", "patience", "int", 10)
-        if patience is not None:
-            self.set("train.patience", patience, "train", "patience")
+        patience = self.out["train"].get("patience")  # from _PLAIN
         if ini.get("train", "learning_rate_reducer", False):
             factor = self.typed("train", "reducer_factor", "number", 0.1)
             reducer = self.typed("train", "reducer_patience", "int", int((patience or 0) / 2))
@@ -479,8 +490,6 @@ class _Mapper:
             if split:
                 self.set("tiled_infer.tile_size", split, "tiledinfer", "split_size")
             self.copy("tiledinfer", "overlapping", "tiled_infer.overlap", "int", 64 if flex else 0)
-            if not ini.has("tiledinfer", "overlapping"):
-                self.set("tiled_infer.overlap", 64 if flex else 0, "tiledinfer", None)
             # classic: bitwise AND with the whole-image mask (default on); FlexUNet: no blending.
             # Without blending the reference pasted each tile's centre, the overlap as context.
             blend = ini.get("tiledinfer", "bitwise_blending", not flex)
@@ -609,17 +618,7 @@ class _Mapper:
                 self.set(f"augment.{ours}", OP_PROBABILITY, a, flag)
                 if flag in ("sharpening", "brightening"):
                     ini.note(a, flag, "applied to the image only (the reference also changed the mask: B7)")
-            params = {
-                "deformation": (("alpah", "deformation_alpha", "number"), ("sigmoids", "deformation_sigmas", "list")),
-                "distortion": (("gaussian_filter_rsigma", "distortion_sigma", "number"), ("distortions", "distortions", "list")),
-                "barrdistortion": (("radius", "barrel_radius", "number"), ("amount", "barrel_amount", "number"),
-                                   ("centers", "barrel_centers", "list")),
-                "pincdistortion": (("radius", "pincushion_radius", "number"), ("amount", "pincushion_amount", "number"),
-                                   ("centers", "pincushion_centers", "list")),
-                "sharpening": (("k", "sharpening_k", "number"),),
-                "brightening": (("alpha", "brightening_alpha", "number"), ("beta", "brightening_beta", "number")),
-            }[flag]
-            for key, ours_key, kind in params:
+            for key, ours_key, kind in _AUGMENT_PARAMS[flag]:
                 if ini.has(flag, key):
                     value = self.typed(flag, key, kind)  # type-checked even when unused
                     if not on:
@@ -634,9 +633,7 @@ class _Mapper:
         ini = self.ini
         for section in ini.sections:
             if section not in KNOWN:
-                match = difflib.get_close_matches(section, sorted(KNOWN), n=1, cutoff=0.6)
-                ini.error(section, None, "unknown section" + (f"; did you mean [{match[0]}]?" if match else
-                                                              f"; known sections: {', '.join(sorted(KNOWN))}"))
+                ini.error(section, None, "unknown section" + did_you_mean(section, KNOWN))
                 continue
             for (s, key) in ini.values:
                 if s != section or (s, key) in ini.used:
@@ -647,7 +644,7 @@ class _Mapper:
                 elif key in MAPPED.get(section, set()):
                     ini.note(section, key, "unused with the other settings of this file")
                 else:
-                    ini.error(section, key, "unknown key" + _closest(key, KNOWN[section]))
+                    ini.error(section, key, "unknown key" + did_you_mean(key, KNOWN[section]))
 
 
 def convert(path: str | Path) -> Conversion:
@@ -657,7 +654,7 @@ def convert(path: str | Path) -> Conversion:
         path: the .config file; relative paths inside it are resolved from its folder.
 
     Returns:
-        A Conversion whose `raw` is checked by config._build like a YAML file.
+        A Conversion whose `raw` is checked by config.from_mapping like a YAML file.
 
     Raises:
         SegMlopsError: listing every malformed, unknown or unsupported key as `file:line [section] key: ...`.
@@ -667,7 +664,7 @@ def convert(path: str | Path) -> Conversion:
         raise SegMlopsError(f"config file not found: {path}")
     ini = _Ini(path)
     mapper = _Mapper(ini)
-    for step in (mapper.model, mapper.loss_and_metrics, mapper.dataset, mapper.splits, mapper.train,
+    for step in (mapper.plain, mapper.model, mapper.loss_and_metrics, mapper.dataset, mapper.splits, mapper.train,
                  mapper.inference, mapper.masks, mapper.image, mapper.augmentation, mapper.leftovers):
         step()
     if ini.errors:
@@ -685,6 +682,14 @@ def convert(path: str | Path) -> Conversion:
     return conversion
 
 
+def load(path: str | Path, overrides: Iterable[str] | Mapping[str, Any] = ()) -> config.Config:
+    """The Config of a reference .config (as config.load for YAML): converted, its notes printed
+    to stderr, then `overrides` applied (see config.load)."""
+    conversion = convert(path)  # paths already absolute
+    report(conversion.notes)
+    return config.from_mapping(conversion.raw, overrides=overrides)
+
+
 def _line_of(message: str) -> int:
     match = re.match(r"[^\[]*?:(\d+) \[", message)
     return int(match.group(1)) if match else 0
@@ -700,10 +705,8 @@ _Dumper.add_representer(list, lambda dumper, value: dumper.represent_sequence(
 
 def _check(conversion: Conversion, origin: dict[str, str]) -> None:
     """Build the Config now, so a value out of our ranges is reported with its .config line."""
-    from seg_mlops import config
-
     try:
-        config._validate(config._build(config.Config, conversion.raw, "", None))
+        config.from_mapping(conversion.raw)
     except SegMlopsError as exc:
         message = str(exc)
         for ours, where in sorted(origin.items(), key=lambda kv: -len(kv[0])):
@@ -720,8 +723,6 @@ def to_yaml(conversion: Conversion, relative_to: str | Path | None = None) -> st
         relative_to: write paths relative to this folder (the folder the YAML will live in);
             None keeps them absolute.
     """
-    from seg_mlops import config
-
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in conversion.raw.items()}
     if relative_to is not None:
         base = Path(relative_to).resolve()

@@ -11,13 +11,12 @@ kept stable because Keras turns them into log keys such as ``val_dice_coef``.
 
 from __future__ import annotations
 
-import difflib
 from typing import Callable
 
 import keras
 from keras import ops
 
-from seg_mlops.errors import SegMlopsError
+from seg_mlops.errors import SegMlopsError, did_you_mean
 
 LossFn = Callable[..., object]
 
@@ -292,13 +291,7 @@ _MULTICLASS_DEFAULTS = ("categorical_crossentropy", ("dice_coef", "class_dice", 
 def _lookup(kind: str, name: str, table: dict[str, LossFn], where: str) -> LossFn:
     if isinstance(name, str) and name in table:
         return table[name]
-    valid = sorted(table)
-    # cutoff=0 so the message always names the closest valid name, however far off.
-    closest = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.0)
-    raise SegMlopsError(
-        f"unknown {kind} {name!r} ({where}); did you mean {closest[0]!r}? "
-        f"valid: {', '.join(valid)}"
-    )
+    raise SegMlopsError(f"unknown {kind} {name!r} ({where})" + did_you_mean(str(name), table))
 
 
 def get_loss(name: str, where: str = "train.loss") -> LossFn:

@@ -43,28 +43,21 @@ def dilations(dilation: int, num_layers: int) -> list[int]:
     return [max(dilation - i, 1) for i in range(num_layers)]
 
 
-def check_args(
-    *,
-    image_height: int,
-    image_width: int,
-    num_classes: int = 1,
-    base_filters: int = 16,
-    num_layers: int = 6,
-    base_kernels: int = 3,
-    dilation: int = 1,
-    dropout_rate: float = 0.05,
-    batch_norm: bool = False,
-    activation: str = "relu",
-) -> None:
-    """Raise SegMlopsError naming the model.* key if build_unet could not build these arguments
-    (cheap: lets a tuner reject a trial before any training). The rules live in
-    config.check_model (config loading applies them too); the activation needs Keras, so it is here."""
-    check_model(ModelConfig(**locals()))
+def check_args(**kwargs) -> None:
+    """Raise SegMlopsError naming the model.* key if build_unet could not build these keyword
+    arguments (cheap: lets a tuner reject a trial before any training)."""
+    _check(ModelConfig(**kwargs))
+
+
+def _check(m: ModelConfig) -> None:
+    """The rules live in config.check_model (config loading applies them too); the activation
+    needs Keras, so it is checked here."""
+    check_model(m)
     try:
-        keras.activations.get(activation)
+        keras.activations.get(m.activation)
     except (ValueError, TypeError) as exc:
         raise SegMlopsError(
-            f"model.activation={activation!r} is not a Keras activation; "
+            f"model.activation={m.activation!r} is not a Keras activation; "
             "use e.g. 'relu', 'elu', 'gelu', 'swish' or 'mish'"
         ) from exc
 
@@ -101,22 +94,11 @@ def _conv_block(
     return x
 
 
-def build_unet(
-    *,
-    image_height: int,
-    image_width: int,
-    num_classes: int = 1,
-    base_filters: int = 16,
-    num_layers: int = 6,
-    base_kernels: int = 3,
-    dilation: int = 1,
-    dropout_rate: float = 0.05,
-    batch_norm: bool = False,
-    activation: str = "relu",
-) -> keras.Model:
+def build_unet(**kwargs) -> keras.Model:
     """Build an uncompiled UNet that maps raw RGB pixels to per-pixel class probabilities.
 
     Args:
+        **kwargs: model.* keys (config.ModelConfig fields, whose defaults fill the rest):
         image_height: Input height in pixels; must be divisible by ``2**(num_layers-1)``.
         image_width: Input width in pixels; must be divisible by ``2**(num_layers-1)``.
         num_classes: 1 for a binary mask (sigmoid head), >= 2 for a softmax over classes.
@@ -135,10 +117,13 @@ def build_unet(
     Raises:
         SegMlopsError: If any argument is out of range, naming the ``model.*`` key.
     """
-    check_args(**locals())  # the same keyword arguments, checked before any layer is made
-    kernels = kernel_sizes(base_kernels, num_layers)
-    rates = dilations(dilation, num_layers)
-    block = dict(batch_norm=batch_norm, activation=activation)
+    m = ModelConfig(**kwargs)  # the one home of the defaults; an unknown keyword is a TypeError
+    _check(m)  # before any layer is made
+    image_height, image_width, num_classes = m.image_height, m.image_width, m.num_classes
+    base_filters, num_layers, dropout_rate = m.base_filters, m.num_layers, m.dropout_rate
+    kernels = kernel_sizes(m.base_kernels, num_layers)
+    rates = dilations(m.dilation, num_layers)
+    block = dict(batch_norm=m.batch_norm, activation=m.activation)
 
     inputs = keras.Input(shape=(image_height, image_width, 3), dtype="float32", name="image")
     # Scaling inside the model means every caller (training, eval, serving) feeds raw
