@@ -195,7 +195,7 @@ def train_once(variant: str, cfg, uris: dict[str, str]) -> dict:
             # What seg_mlops.tracking.train does, minus the test-split evaluation (compute, not tracking).
             with contextlib.redirect_stdout(sink), tracking.start_run(cfg, tags=tracking.run_tags(cfg)):
                 tracking.log_params_once(config.flatten(cfg))
-                result = train_mod.train(cfg, extra_callbacks=[TimedLogger(), timer])
+                result = train_mod.train(cfg, panel_logger=TimedLogger, extra_callbacks=[timer])
                 values = result.history[cfg.train.monitor]
                 best = (min if losses.monitor_mode(cfg.train.monitor) == "min" else max)(values)
                 mlflow.log_metric(f"best_{cfg.train.monitor}", best)
