@@ -209,9 +209,7 @@ def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = 
     distribution = strategy(cfg)  # first: MultiWorkerMirroredStrategy must precede the TF runtime
     chief = is_chief(cfg)
     if not chief:
-        # Non-chief workers write their checkpoints and files to a temporary folder, deleted at the
-        # end (TensorFlow's multi-worker pattern): only the chief writes to the output folder.
-        cfg = config_mod.override(cfg, {"train.output_dir": tempfile.mkdtemp(prefix="seg-mlops-worker-")})
+        cfg = _scratch_output(cfg)
     keras.utils.set_random_seed(cfg.seed)  # Python, NumPy and TF at once (the reference's B1)
     # Cheap checks first (model shape, loss and monitor names, every data file), so bad input
     # fails in seconds and before the output folder is touched.
@@ -247,6 +245,13 @@ def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = 
     # The history of both segments of a resumed training, from the saved rows.
     return TrainResult(out, out / MODEL_FILE, resume_mod.history(saver.state.rows), model, panels.inference,
                        distribution.num_replicas_in_sync, cfg, profile)
+
+
+def _scratch_output(cfg: Config) -> Config:
+    """The config writing to a fresh temporary folder, which train() deletes at the end: a
+    non-chief worker writes its checkpoints and files there, so that only the chief writes to the
+    output folder (TensorFlow's multi-worker pattern)."""
+    return config_mod.override(cfg, {"train.output_dir": tempfile.mkdtemp(prefix="seg-mlops-worker-")})
 
 
 def _load_state(out: Path, resume: bool, owner: str) -> resume_mod.State | None:
