@@ -5,7 +5,7 @@ One job: measure and print, side by side in one run, the wall time per epoch of 
 the same synthetic data (a) with tracking off: seg_mlops.train.train plain, which already writes
 the checkpoint, the history CSV/PNG files and the epoch-inference panels to disk (training, not
 tracking); (b) tracked into a local sqlite store: the same inside seg_mlops.tracking.start_run
-with tracking.MLflowLogger as an extra callback (metrics, lr and epoch_seconds every epoch, plus
+with tracking.MLflowLogger as the panel logger (metrics, lr and epoch_seconds every epoch, plus
 the 6 epoch-inference panels through mlflow.log_image), then what tracking.train logs at the end
 (best metric, config, history files, the model; not its test-split evaluation, which is compute);
 (c) the same into a real `mlflow server` on a free 127.0.0.1 port with proxied artifacts and its
@@ -195,7 +195,7 @@ def train_once(variant: str, cfg, uris: dict[str, str]) -> dict:
             # What seg_mlops.tracking.train does, minus the test-split evaluation (compute, not tracking).
             with contextlib.redirect_stdout(sink), tracking.start_run(cfg, tags=tracking.run_tags(cfg)):
                 tracking.log_params_once(config.flatten(cfg))
-                result = train_mod.train(cfg, extra_callbacks=[TimedLogger(), timer])
+                result = train_mod.train(cfg, panel_logger=TimedLogger, extra_callbacks=[timer])
                 values = result.history[cfg.train.monitor]
                 best = (min if losses.monitor_mode(cfg.train.monitor) == "min" else max)(values)
                 mlflow.log_metric(f"best_{cfg.train.monitor}", best)

@@ -1,12 +1,13 @@
 """Plain Keras callbacks of ours: the reference's history CSVs/plots and epoch-inference panels.
 
 They write files and keep their latest results in attributes; they know nothing of MLflow.
-The tracking layer reads `EpochInference.panels` (and `EpochTiledInference.panels`) after each
+The tracking layer's logger gets the run's `EpochPanels` and reads their `panels` after each
 epoch to log them as images.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -14,9 +15,8 @@ import cv2
 import keras
 import numpy as np
 
+from seg_mlops import data
 from seg_mlops.config import Config, TiledInferConfig
-from seg_mlops.errors import SegMlopsError
-
 from seg_mlops.infer import colorize, predict_probs, tiled_predict, to_labels, write_rgb
 
 
@@ -93,6 +93,26 @@ class EpochInference(keras.callbacks.Callback):
         self.panels: dict[str, np.ndarray] = {}
         self.epoch = 0
 
+    @classmethod
+    def from_config(cls, cfg: Config, out_dir: str | Path) -> "EpochInference | None":
+        """The callback on the first train.epoch_infer_count pairs of train.epoch_infer_images/masks
+        (see `fixed_files`), resized to the model's input; None when the count is 0."""
+        t = cfg.train
+        if t.epoch_infer_count == 0:
+            return None
+        size = (cfg.model.image_height, cfg.model.image_width)
+        files = fixed_files(cfg, t.epoch_infer_images, t.epoch_infer_masks, t.epoch_infer_count)
+        images, truths = [], []
+        for path, mask in files:
+            if mask is not None:
+                image, labels = data.load_pair(data.Pair(path, mask), cfg)
+            else:
+                image, labels = data.resize_image(data.read_rgb(path), size, cfg.data.image_interpolation), None
+            images.append(image)
+            truths.append(labels)
+        return cls(np.stack(images), truths, [p.stem for p, _ in files], Path(out_dir) / "epoch_infer",
+                   cfg.palette(), cfg.infer.threshold)
+
     def on_train_begin(self, logs=None):
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -127,31 +147,23 @@ class EpochTiledInference(keras.callbacks.Callback):
 
     @classmethod
     def from_config(cls, cfg: Config, out_dir: str | Path) -> "EpochTiledInference | None":
-        """The callback on the first tiled_infer.epoch_infer_count images (sorted by name) of
-        tiled_infer.epoch_infer_images (default: the valid split) with their masks from
-        tiled_infer.epoch_infer_masks, if given; None when the count is 0."""
-        from seg_mlops import data
-
+        """The callback on the first tiled_infer.epoch_infer_count pairs of
+        tiled_infer.epoch_infer_images/masks (see `fixed_files`), at full size; None when the
+        count is 0."""
         t = cfg.tiled_infer
         if t.epoch_infer_count == 0:
             return None
-        valid_images, valid_masks = cfg.split_dirs("valid")
-        images_dir = Path(t.epoch_infer_images or valid_images)
-        masks_dir = t.epoch_infer_masks or ("" if t.epoch_infer_images else str(valid_masks))
-        files = data.list_images(images_dir)[:t.epoch_infer_count]
-        masks = {p.stem: p for p in data.list_images(masks_dir)} if masks_dir else {}
+        files = fixed_files(cfg, t.epoch_infer_images, t.epoch_infer_masks, t.epoch_infer_count)
         images, truths = [], []
-        for path in files:
+        for path, mask in files:
             images.append(data.read_rgb(path))
             truth = None
-            if path.stem in masks:
-                truth = data.encode_mask(data.read_mask(masks[path.stem], cfg.model.num_classes), cfg.data,
-                                         cfg.model.num_classes, str(masks[path.stem]))
-                if truth.shape != images[-1].shape[:2]:
-                    raise SegMlopsError(f"size mismatch: {path} and its mask {masks[path.stem]} "
-                                        "(tiled_infer.epoch_infer_masks)")
+            if mask is not None:
+                truth = data.read_mask(mask, cfg.model.num_classes)
+                data.check_same_size(images[-1], truth, data.Pair(path, mask))
+                truth = data.encode_mask(truth, cfg.data, cfg.model.num_classes, str(mask))
             truths.append(truth)
-        return cls(images, truths, [p.stem for p in files], Path(out_dir) / "epoch_tiled_infer", cfg.palette(),
+        return cls(images, truths, [p.stem for p, _ in files], Path(out_dir) / "epoch_tiled_infer", cfg.palette(),
                    t, threshold=cfg.infer.threshold, interpolation=cfg.data.image_interpolation)
 
     def on_train_begin(self, logs=None):
@@ -176,14 +188,34 @@ class EpochTiledInference(keras.callbacks.Callback):
                 cv2.resize(pred, size, interpolation=cv2.INTER_NEAREST))
 
 
-class PanelConsumer(keras.callbacks.Callback):
-    """Base for callbacks that use the epoch-inference panels (e.g. to log them).
+def fixed_files(cfg: Config, images: str, masks: str, count: int) -> list[tuple[Path, Path | None]]:
+    """The first `count` images (sorted by name) of an epoch-inference folder and each one's mask
+    (None without one: a black ground-truth panel).
 
-    `train.train` sets `source` to the run's EpochInference and `tiled_source` to its
-    EpochTiledInference (None when disabled); being placed after them in the callback list, a
-    consumer sees each epoch's panels in on_epoch_end.
+    Args:
+        cfg: the experiment config (its valid split is the default).
+        images: the images folder; "" for the valid split's images.
+        masks: the masks folder; "" for the valid split's masks when `images` is "" too, else none.
+        count: how many images.
     """
+    valid_images, valid_masks = cfg.split_dirs("valid")
+    masks = masks or ("" if images else str(valid_masks))
+    files = data.list_images(images or valid_images)[:count]
+    by_stem = {p.stem: p for p in data.list_images(masks)} if masks else {}
+    return [(path, by_stem.get(path.stem)) for path in files]
 
-    source: EpochInference | None = None
-    tiled_source: EpochTiledInference | None = None
 
+@dataclass(frozen=True)
+class EpochPanels:
+    """The run's epoch-inference callbacks (None when disabled): a logger placed after them reads
+    their latest `panels` in its on_epoch_end."""
+
+    inference: EpochInference | None
+    tiled: EpochTiledInference | None
+
+    @classmethod
+    def from_config(cls, cfg: Config, out_dir: str | Path) -> "EpochPanels":
+        return cls(EpochInference.from_config(cfg, out_dir), EpochTiledInference.from_config(cfg, out_dir))
+
+    def callbacks(self) -> list[keras.callbacks.Callback]:
+        return [c for c in (self.inference, self.tiled) if c is not None]

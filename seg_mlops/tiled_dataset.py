@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from seg_mlops import tiling
-from seg_mlops.data import IMAGE_SUFFIXES, decode_file, pair_files
+from seg_mlops.data import IMAGE_SUFFIXES, check_same_size, decode_file, pair_files
 from seg_mlops.errors import SegMlopsError
 
 EDGES = ("shift", "pad", "skip")
@@ -82,9 +82,7 @@ def make_tiles(images_dir: str | Path, masks_dir: str | Path, output: str | Path
     tiles = wholes = skipped = 0
     for pair in pairs:
         image, mask = decode_file(pair.image), decode_file(pair.mask)
-        if image.shape[:2] != mask.shape[:2]:
-            raise SegMlopsError(f"size mismatch: image {pair.image} is {image.shape[1]}x{image.shape[0]} "
-                                f"but mask {pair.mask} is {mask.shape[1]}x{mask.shape[0]}")
+        check_same_size(image, mask, pair)
         height, width = image.shape[:2]
         grid = tiling.make_grid(height, width, (tile, tile), (tile - overlap, tile - overlap), edge)
         if len(grid) == 0:

@@ -22,7 +22,7 @@ import numpy as np
 
 from seg_mlops import config as config_mod
 from seg_mlops import data, lifecycle
-from seg_mlops.callbacks import PanelConsumer
+from seg_mlops.callbacks import EpochPanels
 from seg_mlops.config import Config
 from seg_mlops.errors import SegMlopsError
 from seg_mlops.spool import Refused, RunSink, server_wait
@@ -178,7 +178,7 @@ def param_value(value: object) -> str:
     return str(list(value) if isinstance(value, tuple) else value)
 
 
-class MLflowLogger(PanelConsumer):
+class MLflowLogger(keras.callbacks.Callback):
     """Per epoch: Keras' metrics, the learning rate and epoch_seconds at step=epoch, and the
     epoch-inference panels as `epoch_infer/<stem>` images (the UI's step slider shows them evolve),
     and the tiled ones as `epoch_tiled_infer/<stem>`.
@@ -186,9 +186,9 @@ class MLflowLogger(PanelConsumer):
     With a `sink` (spool.RunSink) the records are uploaded in the background and survive a server
     outage; without one they go through MLflow's asynchronous logging."""
 
-    def __init__(self, sink: RunSink | None = None):
+    def __init__(self, panels: EpochPanels, sink: RunSink | None = None):
         super().__init__()
-        self.sink = sink
+        self.panels, self.sink = panels, sink
 
     def log_image(self, image: np.ndarray, key: str, step: int) -> None:
         if self.sink is not None:
@@ -209,7 +209,7 @@ class MLflowLogger(PanelConsumer):
             self.sink.log_metrics(metrics, step=epoch)
         else:
             mlflow.log_metrics(metrics, step=epoch, synchronous=False)
-        for prefix, source in (("epoch_infer", self.source), ("epoch_tiled_infer", self.tiled_source)):
+        for prefix, source in (("epoch_infer", self.panels.inference), ("epoch_tiled_infer", self.panels.tiled)):
             if source is not None:
                 for stem, panel in source.panels.items():
                     self.log_image(panel, f"{prefix}/{stem}", epoch)
@@ -324,7 +324,8 @@ def train(cfg: Config, *, overwrite: bool = False, extra_callbacks: Sequence[ker
             if state is not None:
                 republish(sink, run_id, state.rows)
             result = train_mod.train(cfg, overwrite=overwrite, resume=bool(resume_run_id), owner=run_id,
-                                     extra_callbacks=[MLflowLogger(sink), *extra_callbacks])
+                                     panel_logger=lambda panels: MLflowLogger(panels, sink),
+                                     extra_callbacks=list(extra_callbacks))
             finish_run(cfg, result, sink, run_id)
         except BaseException:
             # What was logged before the error still reaches the run. The original error wins: a

@@ -1,7 +1,8 @@
 """Training: data + model + loss -> compiled Keras fit with plain Keras callbacks.
 
-Knows nothing of MLflow or Optuna: they join through `extra_callbacks` (the tracking layer's
-logging callback, the tuner's pruning callback). The monitored metric (`train.monitor`) is the one
+Knows nothing of MLflow or Optuna: they join through `panel_logger` (the tracking layer's
+logging callback, given the epoch-inference panels) and `extra_callbacks` (the tuner's pruning
+callback). The monitored metric (`train.monitor`) is the one
 name that checkpointing, early stopping and the LR reducer share.
 
 Scale comes from TensorFlow's own engines: a tf.distribute strategy (`train.distribute`), a Keras
@@ -15,21 +16,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import keras
-import numpy as np
 
 from seg_mlops import config as config_mod
 from seg_mlops import data, losses
 from seg_mlops import resume as resume_mod
-from seg_mlops.callbacks import EpochInference, EpochTiledInference, HistoryWriter, PanelConsumer
+from seg_mlops.callbacks import EpochInference, EpochPanels, HistoryWriter
 from seg_mlops.config import Config
 from seg_mlops.errors import SegMlopsError
 from seg_mlops.model import build_unet
@@ -78,37 +77,40 @@ def compile_model(model: keras.Model, cfg: Config) -> list[str]:
 def is_chief(cfg: Config) -> bool:
     """Whether this process writes outputs and logs: always, except for a non-chief worker of a
     multi_worker run. The chief is the task of type "chief", or worker 0 when the cluster has no
-    "chief" (TensorFlow's own convention). Reads TF_CONFIG only: no TensorFlow needed.
+    "chief" (TensorFlow's own convention).
 
     Args:
         cfg: the experiment config (train.distribute decides whether TF_CONFIG matters).
     """
     if cfg.train.distribute != "multi_worker":
         return True
-    tf_config = _tf_config()
-    task, cluster = tf_config.get("task", {}), tf_config.get("cluster", {})
-    kind, index = task.get("type"), task.get("index", 0)
+    kind, index, cluster = _tf_config()
     return kind == "chief" or (kind == "worker" and index == 0 and "chief" not in cluster)
 
 
-def _tf_config() -> dict:
-    """TF_CONFIG parsed and checked, or one clear error saying how to set it."""
+def _tf_config() -> tuple[str, int, dict]:
+    """(task type, task index, cluster as {job: addresses}) of TF_CONFIG, read by TensorFlow's own
+    TFConfigClusterResolver, or one clear error saying how to set it."""
+    import tensorflow as tf
+
     raw = os.environ.get("TF_CONFIG", "")
     example = ('TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
                '"task": {"type": "worker", "index": 0}}\'')
     if not raw.strip():
         raise SegMlopsError(f"train.distribute=multi_worker needs the TF_CONFIG environment variable on every "
                             f"worker, e.g. {example} (index 1 on the second host)")
+    invalid = SegMlopsError(f"TF_CONFIG={raw!r} is not valid: expected JSON like {example}")
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
     try:
-        tf_config = json.loads(raw)
-        workers = tf_config["cluster"].get("worker", []) + tf_config["cluster"].get("chief", [])
-        kind, index = tf_config["task"]["type"], int(tf_config["task"].get("index", 0))
+        kind, index, cluster = resolver.task_type, resolver.task_id or 0, resolver.cluster_spec().as_dict()
     except (ValueError, KeyError, TypeError, AttributeError):
-        raise SegMlopsError(f"TF_CONFIG={raw!r} is not valid: expected JSON like {example}") from None
-    if kind not in ("chief", "worker") or not 0 <= index < len(tf_config["cluster"].get(kind, [])) or not workers:
-        raise SegMlopsError(f"TF_CONFIG task {tf_config['task']} is not in its cluster "
-                            f"{tf_config['cluster']}: give type chief or worker and an index below its list's length")
-    return tf_config
+        raise invalid from None
+    if kind is None or not cluster:
+        raise invalid
+    if kind not in ("chief", "worker") or not 0 <= index < len(cluster.get(kind, [])):
+        raise SegMlopsError(f"TF_CONFIG task {{'type': {kind!r}, 'index': {index}}} is not in its cluster "
+                            f"{cluster}: give type chief or worker and an index below its list's length")
+    return kind, index, cluster
 
 
 def strategy(cfg: Config):
@@ -168,31 +170,6 @@ def plain_copy(model: keras.Model, cfg: Config) -> keras.Model:
     return copy
 
 
-def epoch_inference(cfg: Config, out_dir: Path) -> EpochInference | None:
-    """The epoch-inference callback on the first train.epoch_infer_count pairs (sorted by name)
-    of epoch_infer_images/masks, or of the valid split by default. Images without a mask get a
-    black ground-truth panel."""
-    count = cfg.train.epoch_infer_count
-    if count == 0:
-        return None
-    valid_images, valid_masks = cfg.split_dirs("valid")
-    images_dir = Path(cfg.train.epoch_infer_images or valid_images)
-    masks_dir = Path(cfg.train.epoch_infer_masks or (valid_masks if not cfg.train.epoch_infer_images else ""))
-    files = data.list_images(images_dir)[:count]
-    masks = {p.stem: p for p in data.list_images(masks_dir)} if str(masks_dir) not in ("", ".") else {}
-    size = (cfg.model.image_height, cfg.model.image_width)
-    images, truths = [], []
-    for path in files:
-        if path.stem in masks:
-            image, labels = data.load_pair(data.Pair(path, masks[path.stem]), cfg)
-        else:
-            image, labels = data.resize_image(data.read_rgb(path), size, cfg.data.image_interpolation), None
-        images.append(image)
-        truths.append(labels)
-    return EpochInference(np.stack(images), truths, [p.stem for p in files], out_dir / "epoch_infer",
-                          cfg.palette(), cfg.infer.threshold)
-
-
 def prepare_output(cfg: Config, overwrite: bool, resume: bool = False) -> Path:
     """The output folder, refusing to reuse one that holds a previous training unless asked:
     nothing is ever wiped (the reference rmtree'd its folders). A fresh start drops the resume
@@ -209,6 +186,7 @@ def prepare_output(cfg: Config, overwrite: bool, resume: bool = False) -> Path:
 
 
 def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = (),
+          panel_logger: Callable[[EpochPanels], keras.callbacks.Callback] | None = None,
           overwrite: bool = False, verbose: int = 2, resume: bool = False, owner: str = "") -> TrainResult:
     """Validate the data, build and compile the UNet, fit, and keep the best checkpoint.
 
@@ -216,7 +194,10 @@ def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = 
 
     Args:
         cfg: the experiment config.
-        extra_callbacks: appended after ours (so they see the epoch-inference panels).
+        extra_callbacks: appended after ours and the panel logger.
+        panel_logger: makes the callback that logs the epoch-inference panels, given the run's
+            EpochPanels (the tracking layer's MLflowLogger); it is placed after them, so it sees
+            each epoch's panels in its on_epoch_end.
         overwrite: reuse an output folder that already holds a model.
         verbose: Keras fit verbosity (2 = one line per epoch).
         resume: continue from the state saved in the output folder (model, optimizer, epoch, LR,
@@ -227,33 +208,68 @@ def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = 
     """
     distribution = strategy(cfg)  # first: MultiWorkerMirroredStrategy must precede the TF runtime
     chief = is_chief(cfg)
-    scratch = None
     if not chief:
-        # Non-chief workers write their checkpoints and files to a temporary folder, deleted at the
-        # end (TensorFlow's multi-worker pattern): only the chief writes to the output folder.
-        scratch = Path(tempfile.mkdtemp(prefix="seg-mlops-worker-"))
-        cfg = config_mod.override(cfg, {"train.output_dir": str(scratch)})
+        cfg = _scratch_output(cfg)
     keras.utils.set_random_seed(cfg.seed)  # Python, NumPy and TF at once (the reference's B1)
     # Cheap checks first (model shape, loss and monitor names, every data file), so bad input
     # fails in seconds and before the output folder is touched.
     with precision(cfg.train.mixed_precision), distribution.scope():
         model = build_unet(**dataclasses.asdict(cfg.model))
         metric_names = compile_model(model, cfg)
-    # train.batch_size is per replica: each step takes batch_size x replicas images in all.
-    global_batch = cfg.train.batch_size * distribution.num_replicas_in_sync
     # config.yaml keeps the config as asked (data.binary_mask: auto), as the run's params do: a
     # resume compares the two. The decision is in dataset_profile.json and the run's tags.
     out_cfg = cfg
     cfg, profile = data.prepare(cfg)  # every file checked, mask encoding decided, foreground present
-    train_ds, valid_ds = data.make_datasets(cfg, batch_size=global_batch)
+    # train.batch_size is per replica: each step takes batch_size x replicas images in all.
+    datasets = data.make_datasets(cfg, batch_size=cfg.train.batch_size * distribution.num_replicas_in_sync)
     out = prepare_output(out_cfg, overwrite, resume)
     (out / PROFILE_FILE).write_text(profile.to_json())
+    state = _load_state(out, resume, owner)
+    panels = EpochPanels.from_config(cfg, out)
+    callbacks = _callbacks(cfg, out, metric_names, panels)
+    # Last of ours: it saves what the callbacks above updated, before the others publish it.
+    saver = resume_mod.TrainingState(out, callbacks, out / MODEL_FILE, owner=owner, state=state)
+    if state is not None and state.complete:
+        # Fit had ended before the interruption: only the tracked end (evaluation, logging) is left.
+        model.load_weights(out / MODEL_FILE)  # what EarlyStopping restores / the best checkpoint
+        model = plain_copy(model, cfg) if _converted(cfg) else model
+    else:
+        if state is not None:
+            _restore(model, out, callbacks, state, cfg.train.epochs)
+        loggers = [panel_logger(panels)] if panel_logger is not None else []
+        _fit(model, cfg, distribution, datasets, [*callbacks, saver, *loggers, *extra_callbacks],
+             state.epoch if state else 0, verbose)
+        model = _finish(model, cfg, out, chief)
+    if not chief:
+        shutil.rmtree(out, ignore_errors=True)
+    # The history of both segments of a resumed training, from the saved rows.
+    return TrainResult(out, out / MODEL_FILE, resume_mod.history(saver.state.rows), model, panels.inference,
+                       distribution.num_replicas_in_sync, cfg, profile)
+
+
+def _scratch_output(cfg: Config) -> Config:
+    """The config writing to a fresh temporary folder, which train() deletes at the end: a
+    non-chief worker writes its checkpoints and files there, so that only the chief writes to the
+    output folder (TensorFlow's multi-worker pattern)."""
+    return config_mod.override(cfg, {"train.output_dir": tempfile.mkdtemp(prefix="seg-mlops-worker-")})
+
+
+def _load_state(out: Path, resume: bool, owner: str) -> resume_mod.State | None:
+    """The training state to continue from (None: a fresh start); one saved by another owner is
+    an error."""
     state = resume_mod.load_state(out) if resume else None
     if state is not None and owner and state.owner and state.owner != owner:
         raise SegMlopsError(f"{out / resume_mod.STATE_DIR} holds the training state of run {state.owner}, not "
                             f"{owner}: resume that run, or train afresh with --overwrite")
-    monitor, mode = cfg.train.monitor, losses.monitor_mode(cfg.train.monitor)
+    return state
 
+
+def _callbacks(cfg: Config, out: Path, metric_names: Sequence[str],
+               panels: EpochPanels) -> list[keras.callbacks.Callback]:
+    """Ours, in order: best checkpoint and history files on train.monitor, the LR reducer and
+    early stopping when configured, then the epoch-inference panels (the reference's
+    epoch_change_infer and epoch_change_tiledinfer)."""
+    monitor, mode = cfg.train.monitor, losses.monitor_mode(cfg.train.monitor)
     callbacks: list[keras.callbacks.Callback] = [
         keras.callbacks.ModelCheckpoint(out / MODEL_FILE, monitor=monitor, mode=mode, save_best_only=True),
         HistoryWriter(out, metric_names),
@@ -265,45 +281,39 @@ def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = 
     if cfg.train.patience:
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor=monitor, mode=mode, patience=cfg.train.patience, restore_best_weights=True, verbose=1))
-    inference = epoch_inference(cfg, out)
-    if inference is not None:
-        callbacks.append(inference)
-    tiled_inference = EpochTiledInference.from_config(cfg, out)  # the reference's epoch_change_tiledinfer
-    if tiled_inference is not None:
-        callbacks.append(tiled_inference)
-    for callback in extra_callbacks:
-        if isinstance(callback, PanelConsumer):
-            callback.source = inference
-            callback.tiled_source = tiled_inference
-    # Last of ours: it saves what the callbacks above updated, before extra callbacks publish it.
-    saver = resume_mod.TrainingState(out, callbacks, out / MODEL_FILE, owner=owner, state=state)
-    callbacks.append(saver)
-    if state is not None and state.complete:
-        # Fit had ended before the interruption: only the tracked end (evaluation, logging) is left.
-        model.load_weights(out / MODEL_FILE)  # what EarlyStopping restores / the best checkpoint
-        return TrainResult(out, out / MODEL_FILE, resume_mod.history(state.rows), plain_copy(model, cfg)
-                           if _converted(cfg) else model, inference, distribution.num_replicas_in_sync,
-                           cfg, profile)
-    if state is not None:
-        resume_mod.restore_weights(model, out, state)
-        restore_history_rows(callbacks, state.rows)
-        print(f"resuming from epoch {state.epoch + 1} of {cfg.train.epochs} (state in {out / resume_mod.STATE_DIR})")
+    return callbacks + panels.callbacks()
+
+
+def _restore(model: keras.Model, out: Path, callbacks: Sequence[keras.callbacks.Callback],
+             state: resume_mod.State, epochs: int) -> None:
+    """Put the weights and the history writers back where the saved state left them (the
+    TrainingState callback restores the optimizer's and the other callbacks' state)."""
+    resume_mod.restore_weights(model, out, state)
+    restore_history_rows(callbacks, state.rows)
+    print(f"resuming from epoch {state.epoch + 1} of {epochs} (state in {out / resume_mod.STATE_DIR})")
+
+
+def _fit(model: keras.Model, cfg: Config, distribution, datasets, callbacks: Sequence[keras.callbacks.Callback],
+         initial_epoch: int, verbose: int) -> None:
+    """Keras fit under the strategy, from `initial_epoch` to train.epochs."""
+    train_ds, valid_ds = datasets
     with distribution.scope(), _keras_multi_worker_fixes(model, cfg.train.distribute == "multi_worker"):
-        model.fit(train_ds, validation_data=valid_ds, epochs=cfg.train.epochs,
-                  initial_epoch=state.epoch if state else 0,
-                  callbacks=callbacks + list(extra_callbacks), verbose=verbose,
+        model.fit(train_ds, validation_data=valid_ds, epochs=cfg.train.epochs, initial_epoch=initial_epoch,
+                  callbacks=list(callbacks), verbose=verbose,
                   shuffle=False)  # the dataset shuffles itself (seeded)
+
+
+def _finish(model: keras.Model, cfg: Config, out: Path, chief: bool) -> keras.Model:
+    """The trained model with the best weights; a plain float32 copy when trained under a strategy
+    or in mixed precision, which the chief also saves over the checkpoint (loadable anywhere)."""
     if not cfg.train.patience and (out / MODEL_FILE).exists():
         model.load_weights(out / MODEL_FILE)  # no EarlyStopping to restore the best weights
-    if _converted(cfg):
-        model = plain_copy(model, cfg)
-        if chief and (out / MODEL_FILE).exists():
-            model.save(out / MODEL_FILE)  # the checkpoint too: float32, loadable without the strategy
-    if scratch is not None:
-        shutil.rmtree(scratch, ignore_errors=True)
-    # The history of both segments of a resumed training, from the saved rows.
-    return TrainResult(out, out / MODEL_FILE, resume_mod.history(saver.state.rows), model, inference,
-                       distribution.num_replicas_in_sync, cfg, profile)
+    if not _converted(cfg):
+        return model
+    model = plain_copy(model, cfg)
+    if chief and (out / MODEL_FILE).exists():
+        model.save(out / MODEL_FILE)
+    return model
 
 
 def _converted(cfg: Config) -> bool:

@@ -175,6 +175,23 @@ def test_jit_compile_and_steps_per_execution(tiny_cfg, tmp_path):
 
 # ----------------------------------------------------------------------------- strategies (subprocesses)
 
+def test_keras_internals_patched_for_multi_worker_are_still_there():
+    # train._keras_multi_worker_fixes patches these private Keras functions/attributes, which is
+    # why setup.cfg pins Keras to one minor. If this fails, Keras changed them: re-check
+    # keras-team/keras#20585 (maybe fixed: delete the workaround) before moving the pin.
+    import inspect
+
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    advice = (f"Keras {keras.__version__} changed what train._keras_multi_worker_fixes patches: "
+              "re-check keras-team/keras#20585 before moving the keras pin in setup.cfg")
+    assert list(inspect.signature(tf_trainer.reduce_per_replica).parameters) == \
+        ["values", "strategy", "reduction"], advice
+    assert callable(getattr(tf_trainer, "_collective_all_reduce_multi_worker", None)), advice
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    assert hasattr(model, "_distribute_strategy"), advice
+
+
 MIRRORED = """
 import sys
 import tensorflow as tf
