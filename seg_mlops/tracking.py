@@ -179,7 +179,7 @@ def param_value(value: object) -> str:
 
 
 class MLflowLogger(PanelConsumer):
-    """Per epoch: Keras' metrics, the learning rate and epoch_seconds at step=epoch, and the
+    """Per epoch: the epoch's logs (Keras' metrics, `lr`, `epoch_seconds`) at step=epoch, and the
     epoch-inference panels as `epoch_infer/<stem>` images (the UI's step slider shows them evolve),
     and the tiled ones as `epoch_tiled_infer/<stem>`.
 
@@ -196,14 +196,10 @@ class MLflowLogger(PanelConsumer):
         else:
             mlflow.log_image(image, key=key, step=step, synchronous=False)
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
     def on_epoch_end(self, epoch, logs=None):
+        # `lr` and `epoch_seconds` are in the logs already: the epoch clock (epoch_clock.EpochClock,
+        # which resume.TrainingState is) runs before the extra callbacks this logger is one of.
         metrics = {k: float(v) for k, v in (logs or {}).items()}
-        metrics["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        metrics["epoch_seconds"] = time.perf_counter() - self._start
-        metrics.pop("learning_rate", None)  # logged as lr: one name per concept
         # Asynchronous: the writes/uploads overlap the next epoch (end_run flushes them).
         if self.sink is not None:
             self.sink.log_metrics(metrics, step=epoch)
@@ -362,7 +358,7 @@ def finish_run(cfg: Config, result, sink: RunSink, run_id: str) -> None:
 
     out = result.output_dir
     values = result.history[cfg.train.monitor]
-    best = (min if losses.monitor_mode(cfg.train.monitor) == "min" else max)(values)
+    best = losses.best_value(values, cfg.train.monitor)
     # local files first: they never need the server; the config as trained (mask encoding decided)
     results = evaluate.evaluate(result.model, result.cfg or cfg, out)
     replicas = {"seg_mlops.replicas": str(result.replicas),

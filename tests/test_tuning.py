@@ -297,7 +297,14 @@ def test_killed_worker_trial_is_retried(postgres_url, binary_root, tmp_path, tra
     assert running, "the first worker never started training"
     doomed.send_signal(signal.SIGKILL)
     doomed.wait()
-    time.sleep(3)  # past the grace period (2 heartbeats) without a heartbeat
+    # Wait until the storage itself sees the trial stale: past the grace period (2 heartbeats of
+    # 1 s, measured on the database's clock) without a heartbeat.
+    storage = optuna.storages.RDBStorage(postgres_url, heartbeat_interval=1, grace_period=2)
+    study_id = storage.get_study_id_from_name("killed-worker")
+    deadline = time.time() + 60
+    while running[0]._trial_id not in storage._get_stale_trial_ids(study_id):
+        assert time.time() < deadline, "the killed worker's trial never became stale"
+        time.sleep(0.2)
 
     # A second worker finds the stale trial, fails it, and runs its retry (shorter epochs: the
     # retried trial keeps its params; tune.epochs is the worker's own setting).
