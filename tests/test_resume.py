@@ -216,3 +216,41 @@ def test_mlflow_run_entry_point_resumes_into_the_interrupted_run(tiny_cfg, tmp_p
     others = [r for r in mlflow.search_runs(experiment_names=["resume-mlproject"], output_format="list")
               if r.info.run_id != killed.info.run_id]
     assert len(others) == 1 and others[0].data.tags[lifecycle.RESUMED_RUN_TAG] == killed.info.run_id
+
+
+def test_resume_refused_for_a_live_process_or_another_host(tiny_cfg, tmp_path):
+    """A RUNNING run whose process is alive (another process of this host) or that belongs to
+    another host cannot be resumed; once its process is dead, the run is marked FAILED and the
+    same resume is accepted."""
+    import socket
+
+    cfg = tiny_cfg("experiment=resume-owners")
+    experiment_id = tracking.connect(cfg.experiment)
+    client = mlflow.MlflowClient()
+    out = str(tmp_path / "owned")
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        alive = client.create_run(experiment_id, tags={
+            lifecycle.OUTPUT_TAG: out, lifecycle.HOST_TAG: socket.gethostname(),
+            lifecycle.PID_TAG: str(owner.pid), lifecycle.PID_START_TAG: lifecycle._start_time(owner.pid)})
+        elsewhere = client.create_run(experiment_id, tags={
+            lifecycle.OUTPUT_TAG: out, lifecycle.HOST_TAG: "other-host.invalid", lifecycle.PID_TAG: "1"})
+        run_id = alive.info.run_id
+        with pytest.raises(SegMlopsError, match=f"run {run_id} is still RUNNING in process {owner.pid} on "
+                                                f"{socket.gethostname()}: stop it before resuming"):
+            tracking.resume_config(run_id, cfg)
+        assert client.get_run(run_id).info.status == "RUNNING"  # alive: nobody marked it
+    finally:
+        owner.kill()
+        owner.wait(timeout=30)
+    other = elsewhere.info.run_id
+    with pytest.raises(SegMlopsError, match=f"run {other} trained on host other-host.invalid \\(its state is in "
+                                            f"{out} there\\): resume it on that host"):
+        tracking.resume_config(other, cfg)
+    assert client.get_run(other).info.status == "RUNNING"  # another host's process is not ours to judge
+    # The owner is gone: opening the store marks the run FAILED, and resuming it is accepted.
+    resumed = tracking.resume_config(run_id, cfg)
+    assert Path(resumed.train.output_dir) == Path(out)
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and f"process {owner.pid} on" in run.data.tags[lifecycle.ENDED_TAG]
+    client.set_terminated(other, "KILLED")  # leave no RUNNING run behind
