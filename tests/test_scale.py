@@ -160,7 +160,8 @@ class PrecisionProbe(keras.callbacks.Callback):
         conv = self.model.get_layer("enc0_conv1")
         self.policy = self.model.dtype_policy.name
         self.conv = (conv.compute_dtype, conv.variable_dtype, str(conv.kernel.dtype))
-        self.conv_output = str(keras.Model(self.model.input, conv.output)(self.x[:1]).dtype)
+        output = keras.Model(self.model.input, conv.output)(self.x[:1])
+        self.conv_output = keras.backend.standardize_dtype(output.dtype)
         self.head = self.model.get_layer("head").compute_dtype
         self.optimizer = type(self.model.optimizer).__name__
 

@@ -263,7 +263,8 @@ def test_http_retries_shortened_unless_the_user_set_them(server, monkeypatch, tm
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")  # the user's choice wins
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT")
     tracking.use_store()
-    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "5" and mlflow_env.MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 5
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "5"
+    assert mlflow_env.MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 5
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "30"
 
     # A sqlite store is local: nothing to shorten.
