@@ -339,6 +339,7 @@ def republish(sink: RunSink, run_id: str, rows: Sequence[dict]) -> int:
     epoch and uploading it, or the server was down); returns how many (step, metric) were missing.
     Checks the server first, so a metric is never stored twice at one step."""
     client = mlflow.MlflowClient()
+    # ("learning_rate": states saved before epoch_clock named the LR `lr` only)
     names = {k for row in rows for k in row if k not in ("epoch", "learning_rate")}
     present = {name: {m.step for m in client.get_metric_history(run_id, name)} for name in names}
     missing = 0
