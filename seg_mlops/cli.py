@@ -111,13 +111,13 @@ def train(config_path: str | None, overrides: tuple[str, ...], sets: str, overwr
     if cfg is None and (overrides or sets):
         raise SegMlopsError("--set/--sets need --config: a resumed run keeps its own config")
     from seg_mlops import tracking
-    from seg_mlops.losses import monitor_mode
+    from seg_mlops.losses import best_value
 
     if resume_run_id:
         cfg = tracking.resume_config(resume_run_id, cfg)
     result, run_id = tracking.train(cfg, overwrite=overwrite, resume_run_id=resume_run_id or None)
     values = result.history[cfg.train.monitor]
-    best = (min if monitor_mode(cfg.train.monitor) == "min" else max)(values)
+    best = best_value(values, cfg.train.monitor)
     if run_id is None:  # a non-chief worker of a multi_worker run
         click.echo(f"worker done after {len(values)} epochs; the chief logs the MLflow run and writes the model")
         return

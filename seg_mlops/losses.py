@@ -374,3 +374,12 @@ def monitor_mode(metric_name: str) -> str:
     """
     name = metric_name.removeprefix("val_")
     return "min" if name.endswith("loss") else "max"
+
+
+def best_value(values, monitor: str) -> float:
+    """The best of a history of `monitor` by its direction (min for losses, max otherwise),
+    ignoring NaN (an epoch with nothing to score); NaN when no epoch has a value."""
+    scored = [float(v) for v in values if v == v]  # NaN != NaN
+    if not scored:
+        return float("nan")
+    return (min if monitor_mode(monitor) == "min" else max)(scored)

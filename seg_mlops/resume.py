@@ -15,12 +15,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import keras
+
+from seg_mlops.epoch_clock import EpochClock
 
 STATE_DIR = "resume"
 STATE_FILE = "state.json"
@@ -73,8 +74,11 @@ def _plain(value):
     return None if value is None else float(value) if not isinstance(value, (int, bool)) else value
 
 
-class TrainingState(keras.callbacks.Callback):
+class TrainingState(EpochClock):
     """Saves the training state every epoch and restores it when resuming.
+
+    It is also the epoch clock (epoch_clock.EpochClock): the logs it saves, and that the callbacks
+    after it see, carry the epoch's `lr` and `epoch_seconds`.
 
     Place it after the callbacks whose state it saves (their on_train_begin resets that state, so
     the restore must come later; their on_epoch_end updates it, so the save must come later) and
@@ -110,15 +114,12 @@ class TrainingState(keras.callbacks.Callback):
                 # best checkpoint holds EarlyStopping's best weights.
                 callback.best_weights = keras.saving.load_model(self.best_model, compile=False).get_weights()
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
     def on_epoch_end(self, epoch, logs=None):
+        logs = {} if logs is None else logs
+        super().on_epoch_end(epoch, logs)  # the clock: lr and epoch_seconds into the shared logs
         # The row holds what the tracking layer logs per epoch (Keras' logs, lr, epoch_seconds),
         # so a resume can publish the epochs that were saved here but never reached the server.
-        self.state.rows.append({"epoch": epoch, **{k: _plain(v) for k, v in (logs or {}).items()},
-                                "lr": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
-                                "epoch_seconds": time.perf_counter() - self._start})
+        self.state.rows.append({"epoch": epoch, **{k: _plain(v) for k, v in logs.items()}})
         self.state.epoch = epoch + 1
         self.state.complete = bool(self.model.stop_training) or self.state.epoch >= self.params["epochs"]
         self.state.callbacks = {type(c).__name__: {a: _plain(getattr(c, a)) for a in _CALLBACK_STATE[type(c)]}

@@ -179,7 +179,7 @@ def param_value(value: object) -> str:
 
 
 class MLflowLogger(keras.callbacks.Callback):
-    """Per epoch: Keras' metrics, the learning rate and epoch_seconds at step=epoch, and the
+    """Per epoch: the epoch's logs (Keras' metrics, `lr`, `epoch_seconds`) at step=epoch, and the
     epoch-inference panels as `epoch_infer/<stem>` images (the UI's step slider shows them evolve),
     and the tiled ones as `epoch_tiled_infer/<stem>`.
 
@@ -196,14 +196,10 @@ class MLflowLogger(keras.callbacks.Callback):
         else:
             mlflow.log_image(image, key=key, step=step, synchronous=False)
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
     def on_epoch_end(self, epoch, logs=None):
+        # `lr` and `epoch_seconds` are in the logs already: the epoch clock (epoch_clock.EpochClock,
+        # which resume.TrainingState is) runs before the extra callbacks this logger is one of.
         metrics = {k: float(v) for k, v in (logs or {}).items()}
-        metrics["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        metrics["epoch_seconds"] = time.perf_counter() - self._start
-        metrics.pop("learning_rate", None)  # logged as lr: one name per concept
         # Asynchronous: the writes/uploads overlap the next epoch (end_run flushes them).
         if self.sink is not None:
             self.sink.log_metrics(metrics, step=epoch)
@@ -344,6 +340,7 @@ def republish(sink: RunSink, run_id: str, rows: Sequence[dict]) -> int:
     epoch and uploading it, or the server was down); returns how many (step, metric) were missing.
     Checks the server first, so a metric is never stored twice at one step."""
     client = mlflow.MlflowClient()
+    # ("learning_rate": states saved before epoch_clock named the LR `lr` only)
     names = {k for row in rows for k in row if k not in ("epoch", "learning_rate")}
     present = {name: {m.step for m in client.get_metric_history(run_id, name)} for name in names}
     missing = 0
@@ -363,7 +360,7 @@ def finish_run(cfg: Config, result, sink: RunSink, run_id: str) -> None:
 
     out = result.output_dir
     values = result.history[cfg.train.monitor]
-    best = (min if losses.monitor_mode(cfg.train.monitor) == "min" else max)(values)
+    best = losses.best_value(values, cfg.train.monitor)
     # local files first: they never need the server; the config as trained (mask encoding decided)
     results = evaluate.evaluate(result.model, result.cfg or cfg, out)
     replicas = {"seg_mlops.replicas": str(result.replicas),

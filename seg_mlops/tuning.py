@@ -204,7 +204,7 @@ def objective(trial: optuna.Trial, cfg: Config, parent_run_id: str) -> float:
         killed_by=(KeyboardInterrupt, optuna.TrialPruned))
     trial.set_user_attr(MODEL_URI_ATTR, mlflow.get_run(run_id).data.tags[tracking.MODEL_URI_TAG])
     values = result.history[cfg.train.monitor]
-    return min(values) if losses.monitor_mode(cfg.train.monitor) == "min" else max(values)
+    return losses.best_value(values, cfg.train.monitor)
 
 
 class _FailurePolicy:

@@ -71,6 +71,33 @@ def tiny_multiclass_cfg(multiclass_root, tmp_path):
     return make
 
 
+def numpy_scores(model, cfg: config.Config, split: str) -> dict[str, float]:
+    """Scores of `model` on a split computed in NumPy from the decoded pairs, independently of
+    Keras' metrics and of seg_mlops.evaluate: `dice_coef` (the reference's batch-global soft dice,
+    smoothed by 1, averaged over the batches of train.batch_size in file order) and the hard dice
+    over the whole split of each class (`dice_foreground` for binary, `dice_class<i>` multiclass)."""
+    import numpy as np
+
+    from seg_mlops import data
+
+    loaded = [data.load_pair(pair, cfg) for pair in data.split_pairs(cfg, split)]
+    images = np.stack([image for image, _ in loaded]).astype("float32")
+    labels = np.stack([label for _, label in loaded]).astype(int)
+    probs = np.asarray(model.predict(images, batch_size=cfg.train.batch_size, verbose=0), np.float64)
+    classes = cfg.model.num_classes
+    truth = (labels[..., None] == 1) if classes == 1 else (labels[..., None] == np.arange(classes))
+    size = cfg.train.batch_size
+    batches = [(truth[i:i + size], probs[i:i + size]) for i in range(0, len(images), size)]
+    scores = {"dice_coef": float(np.mean([(2 * (t * p).sum() + 1) / (t.sum() + p.sum() + 1) for t, p in batches]))}
+    hard = (probs >= cfg.infer.threshold) if classes == 1 else (probs.argmax(-1)[..., None] == np.arange(classes))
+    names = ["foreground"] if classes == 1 else [f"class{i}" for i in range(classes)]
+    for c, name in enumerate(names):
+        t, h = truth[..., c], hard[..., c]
+        if t.any():
+            scores[f"dice_{name}"] = float(2 * (t & h).sum() / (t.sum() + h.sum()))
+    return scores
+
+
 def real_data(name: str) -> Path:
     """A dataset of ../shared/data (or $SEG_MLOPS_REAL_DATA). When SEG_MLOPS_REAL_DATA is set the
     data must be there (CI): a missing folder fails the test instead of skipping it."""

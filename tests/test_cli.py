@@ -18,7 +18,10 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
+from seg_mlops import config
 from seg_mlops.cli import cli
+from seg_mlops.infer import load_model
+from tests.conftest import numpy_scores
 from tests.test_mlflow import free_port, venv_env, wait_http
 
 
@@ -48,7 +51,10 @@ def test_train_evaluate_infer(demo_config, tmp_path):
 
     result = run("evaluate", "--config", str(demo_config), "--model", str(out / "best_model.keras"))
     scores = dict(line.split(",") for line in (out / "evaluation.csv").read_text().splitlines()[1:])
-    assert 0.0 <= float(scores["dice_foreground"]) <= 1.0
+    expected = numpy_scores(load_model(out / "best_model.keras"),
+                            config.load(demo_config, ["data.binary_mask=threshold"]), "test")
+    assert float(scores["dice_foreground"]) == pytest.approx(expected["dice_foreground"], abs=6e-5)
+    assert float(scores["dice_coef"]) == pytest.approx(expected["dice_coef"], abs=6e-5)
     assert f"dice_foreground,{scores['dice_foreground']}" in result.output
     assert len((out / "per_image.csv").read_text().splitlines()) == 1 + 4
 

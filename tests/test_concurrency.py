@@ -109,7 +109,13 @@ def test_four_workers_with_both_uis_reading(postgres_url, binary_root, tmp_path)
                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     stdin=subprocess.DEVNULL) for _ in range(WORKERS)]
         outputs = [w.communicate(timeout=900)[0] for w in workers]
-        time.sleep(2)  # a last round of polls over the finished study
+        # A last round of polls over the finished study: two more answers from every poller, so at
+        # least one of them was asked after the workers ended (the first may have been in flight).
+        answered = [len(poller.statuses) for poller in pollers]
+        deadline = time.time() + 180
+        while any(len(p.statuses) < n + 2 for p, n in zip(pollers, answered)):
+            assert time.time() < deadline, [(p.name, p.statuses[-3:]) for p in pollers]
+            time.sleep(0.1)
         for poller in pollers:
             poller.stop.set()
             poller.join(timeout=90)

@@ -3,6 +3,7 @@ validation, fingerprints and the tf.data pipeline (dtypes, shapes, targets, seed
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import cv2
@@ -293,7 +294,11 @@ def test_fingerprint_changes_when_a_file_is_added(tmp_path):
     root = synthetic.make_dataset(tmp_path / "a", classes=1, size=16, counts=(2, 1, 1), seed=0)
     cfg = _cfg(f"data.root={root}")
     first = data.fingerprint(cfg)
-    assert len(first) == 16 and int(first, 16) >= 0
+    # sha256 of "<split>/<folder>/<name>:<size>" lines (image then mask, sorted), first 16 hex digits
+    lines = "".join(f"{split}/{kind}/{path.name}:{path.stat().st_size}\n" for split in ("train", "valid", "test")
+                    for stem in sorted(p.stem for p in (root / split / "images").iterdir())
+                    for kind in ("images", "masks") for path in (root / split / kind).glob(stem + ".*"))
+    assert first == hashlib.sha256(lines.encode()).hexdigest()[:16]
     assert data.fingerprint(cfg) == first
     # Same names and sizes elsewhere: same dataset version.
     copy = synthetic.make_dataset(tmp_path / "b", classes=1, size=16, counts=(2, 1, 1), seed=0)

@@ -14,6 +14,8 @@ from click.testing import CliRunner
 from seg_mlops import config, legacy, loading
 from seg_mlops.cli import cli
 from seg_mlops.errors import SegMlopsError
+from seg_mlops.infer import load_model
+from tests.conftest import numpy_scores
 
 FIXTURES = Path(__file__).parent / "legacy_configs"
 # the reference scripts ran from the project folder: ../../../dataset is 3 levels above it
@@ -273,4 +275,8 @@ def test_train_runs_a_legacy_config_directly(tmp_path, binary_root):
     assert resolved["experiment"] == tmp_path.name.lower().replace("_", "-")  # the .config's folder
     assert sorted(p.name for p in (tmp_path / "models" / "epoch_infer").iterdir())[:1] != []
     score = dict(line.split(",") for line in (tmp_path / "models" / "evaluation.csv").read_text().split()[1:])
-    assert 0.0 <= float(score["dice_coef"]) <= 1.0 and set(score) >= {"loss", "dice_coef", "dice_foreground"}
+    assert set(score) >= {"loss", "dice_coef", "dice_foreground"}
+    expected = numpy_scores(load_model(tmp_path / "models" / "best_model.keras"),
+                            config.load(tmp_path / "models" / "config.yaml"), "test")
+    assert float(score["dice_coef"]) == pytest.approx(expected["dice_coef"], abs=6e-5)
+    assert float(score["dice_foreground"]) == pytest.approx(expected["dice_foreground"], abs=6e-5)

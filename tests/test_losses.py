@@ -235,3 +235,11 @@ def test_saved_model_reloads_without_custom_objects(tmp_path):
     reloaded_logs = reloaded.evaluate(x, y, verbose=0, return_dict=True)
     for key in ("loss", "dice_coef", "image_dice"):
         assert reloaded_logs[key] == pytest.approx(logs[key], rel=1e-5)
+
+
+def test_best_value_follows_the_monitor_direction_and_skips_nan():
+    nan = float("nan")
+    assert losses.best_value([0.2, nan, 0.7, 0.5], "val_dice_coef") == 0.7
+    assert losses.best_value([0.9, 0.4, nan, 0.6], "val_loss") == 0.4
+    assert losses.best_value([nan, 0.3], "val_bce_dice_loss") == 0.3
+    assert math.isnan(losses.best_value([nan, nan], "val_dice_coef"))

@@ -167,7 +167,7 @@ def test_a_crash_ends_the_run_and_keeps_the_checkpoint(tiny_cfg, exc, status):
 
 def test_register_and_serve_champion(tiny_cfg):
     cfg = tiny_cfg("experiment=served", "train.epochs=1")
-    _, run_id = tracking.train(cfg)
+    trained, run_id = tracking.train(cfg)
     result = registry.register_best(cfg)
     assert result.promoted and result.run_id == run_id and result.name == "seg-served"
 
@@ -183,7 +183,9 @@ def test_register_and_serve_champion(tiny_cfg):
         with urllib.request.urlopen(request, timeout=60) as response:
             predictions = np.asarray(json.loads(response.read())["predictions"])
     assert predictions.shape == (1, 32, 32, 1)
-    assert ((predictions >= 0) & (predictions <= 1)).all()
+    # the served champion is the trained model: same probabilities as it gives here
+    expected = trained.model.predict(np.full((1, 32, 32, 3), 200, np.float32), verbose=0)
+    np.testing.assert_allclose(predictions, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_main_entry_point_runs_the_demo_pipeline(tmp_path, tracking_store):

@@ -6,9 +6,10 @@ Runs whenever ../shared/data is there, and must run (not skip) when SEG_MLOPS_RE
 from __future__ import annotations
 
 import keras
+import pytest
 
 from seg_mlops import config, evaluate, train
-from tests.conftest import real_data
+from tests.conftest import numpy_scores, real_data
 
 
 def test_pap_smear_dice_rises_above_untrained(tmp_path):
@@ -59,7 +60,9 @@ def test_drosophila_five_classes_each_get_a_dice_and_training_beats_untrained(tm
 
     # one hard dice per class, for all 5 classes, in the results and in evaluation.csv
     names = [f"dice_class{i}" for i in range(5)]
-    assert all(0.0 <= trained[n] <= 1.0 for n in names) and "dice_class5" not in trained
+    assert "dice_class5" not in trained
+    expected = numpy_scores(result.model, result.cfg or cfg, "test")  # the same dice, in NumPy
+    assert [trained[n] for n in names] == pytest.approx([expected[n] for n in names], abs=1e-6)
     csv_names = [line.split(",")[0] for line in (tmp_path / "trained" / "evaluation.csv").read_text().split()]
     assert set(names) <= set(csv_names)
     mean = lambda scores: sum(scores[n] for n in names) / 5  # noqa: E731

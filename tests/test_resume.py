@@ -62,8 +62,8 @@ def test_sigkill_mid_epoch_then_resume(slow_root, tmp_path, tracking_store):
     deadline = time.time() + 300
     while epochs_saved(out) < 2 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    # Two epochs saved: the kill lands in the third (24 steps, each a few ms on a tiny model).
-    time.sleep(0.2)
+    # Two epochs saved and the process still training: kill it at once, at the end of the second
+    # epoch or inside the third (24 steps); either way that epoch is redone on resume.
     assert proc.poll() is None, proc.stdout.read()
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
@@ -150,7 +150,11 @@ def test_resume_restores_optimizer_lr_and_callback_state(tiny_cfg):
     probe = Probe()
     result = train_mod.train(cfg, resume=True, owner="run-a", extra_callbacks=[probe])
     assert probe.iterations == 2 * 2  # Adam's step count came back with the weights
-    assert probe.lr == pytest.approx(state.rows[-1]["lr"])  # the LR the reducer had set
+    # The LR the reducer had set: epoch 1 ran with rows[-1]["lr"]; the reducer (patience 1, factor
+    # 0.5, Keras' min_delta 1e-4) halved it after epoch 1 unless val_dice_coef improved on epoch 0.
+    improved = state.rows[1]["val_dice_coef"] - 1e-4 > state.rows[0]["val_dice_coef"]
+    assert probe.lr == pytest.approx(state.rows[-1]["lr"] * (1.0 if improved else 0.5))
+    assert result.history["lr"][2] == pytest.approx(probe.lr)  # the resumed epoch ran with it
     assert len(result.history["loss"]) == 4 and result.history["loss"][:2] == [r["loss"] for r in state.rows]
     # The best checkpoint is the best of both segments.
     final = resume.load_state(cfg.output_dir)
@@ -212,3 +216,41 @@ def test_mlflow_run_entry_point_resumes_into_the_interrupted_run(tiny_cfg, tmp_p
     others = [r for r in mlflow.search_runs(experiment_names=["resume-mlproject"], output_format="list")
               if r.info.run_id != killed.info.run_id]
     assert len(others) == 1 and others[0].data.tags[lifecycle.RESUMED_RUN_TAG] == killed.info.run_id
+
+
+def test_resume_refused_for_a_live_process_or_another_host(tiny_cfg, tmp_path):
+    """A RUNNING run whose process is alive (another process of this host) or that belongs to
+    another host cannot be resumed; once its process is dead, the run is marked FAILED and the
+    same resume is accepted."""
+    import socket
+
+    cfg = tiny_cfg("experiment=resume-owners")
+    experiment_id = tracking.connect(cfg.experiment)
+    client = mlflow.MlflowClient()
+    out = str(tmp_path / "owned")
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        alive = client.create_run(experiment_id, tags={
+            lifecycle.OUTPUT_TAG: out, lifecycle.HOST_TAG: socket.gethostname(),
+            lifecycle.PID_TAG: str(owner.pid), lifecycle.PID_START_TAG: lifecycle._start_time(owner.pid)})
+        elsewhere = client.create_run(experiment_id, tags={
+            lifecycle.OUTPUT_TAG: out, lifecycle.HOST_TAG: "other-host.invalid", lifecycle.PID_TAG: "1"})
+        run_id = alive.info.run_id
+        with pytest.raises(SegMlopsError, match=f"run {run_id} is still RUNNING in process {owner.pid} on "
+                                                f"{socket.gethostname()}: stop it before resuming"):
+            tracking.resume_config(run_id, cfg)
+        assert client.get_run(run_id).info.status == "RUNNING"  # alive: nobody marked it
+    finally:
+        owner.kill()
+        owner.wait(timeout=30)
+    other = elsewhere.info.run_id
+    with pytest.raises(SegMlopsError, match=f"run {other} trained on host other-host.invalid \\(its state is in "
+                                            f"{out} there\\): resume it on that host"):
+        tracking.resume_config(other, cfg)
+    assert client.get_run(other).info.status == "RUNNING"  # another host's process is not ours to judge
+    # The owner is gone: opening the store marks the run FAILED, and resuming it is accepted.
+    resumed = tracking.resume_config(run_id, cfg)
+    assert Path(resumed.train.output_dir) == Path(out)
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and f"process {owner.pid} on" in run.data.tags[lifecycle.ENDED_TAG]
+    client.set_terminated(other, "KILLED")  # leave no RUNNING run behind

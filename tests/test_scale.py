@@ -150,6 +150,48 @@ def test_bfloat16_training_logs_a_float32_model(tiny_cfg, tracking_store):
     np.testing.assert_allclose(out, result.model.predict_on_batch(x), atol=1e-6)
 
 
+class PrecisionProbe(keras.callbacks.Callback):
+    """What the model being fitted really computes in: at the start of fit its policy, a conv's
+    dtypes, the dtype a conv outputs and the optimizer; at the end its weights and predictions."""
+
+    x = np.random.default_rng(3).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+
+    def on_train_begin(self, logs=None):
+        conv = self.model.get_layer("enc0_conv1")
+        self.policy = self.model.dtype_policy.name
+        self.conv = (conv.compute_dtype, conv.variable_dtype, str(conv.kernel.dtype))
+        output = keras.Model(self.model.input, conv.output)(self.x[:1])
+        self.conv_output = keras.backend.standardize_dtype(output.dtype)
+        self.head = self.model.get_layer("head").compute_dtype
+        self.optimizer = type(self.model.optimizer).__name__
+
+    def on_train_end(self, logs=None):
+        self.weights = [np.array(w) for w in self.model.get_weights()]
+        self.pred = np.asarray(self.model.predict_on_batch(self.x))
+
+
+def test_fit_in_mixed_float16_returns_a_float32_model(tiny_cfg):
+    """A real fit with train.mixed_precision=mixed_float16 (Keras runs float16 on CPU too): the
+    layers compute in float16 with float32 master weights and loss scaling during training; the
+    result and the checkpoint are float32 models with those very weights."""
+    probe = PrecisionProbe()
+    cfg = tiny_cfg("train.mixed_precision=mixed_float16", "train.epoch_infer_count=0")
+    result = train.train(cfg, verbose=0, extra_callbacks=[probe])
+    assert probe.policy == "mixed_float16"
+    assert probe.conv == ("float16", "float32", "float32") and probe.conv_output == "float16"
+    assert probe.head == "float32" and probe.optimizer == "LossScaleOptimizer"
+    assert len(result.history["loss"]) == 2 and np.isfinite(result.history["loss"]).all()
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored after training
+    for model in (result.model, keras.models.load_model(result.model_path, compile=False)):
+        assert model.dtype_policy.name == "float32"
+        assert {layer.compute_dtype for layer in model.layers} == {"float32"}
+    # the float32 copy holds exactly the weights fit ended with (EarlyStopping's best: epoch 2 or 1)
+    assert all(np.array_equal(a, b) for a, b in zip(result.model.get_weights(), probe.weights))
+    # ... and computes them in float32: float16 (10-bit mantissa) differed by a rounding's worth
+    diff = np.abs(result.model.predict_on_batch(probe.x) - probe.pred)
+    assert 0 < diff.max() < 0.01, diff.max()
+
+
 # ----------------------------------------------------------------------------- XLA, steps per execution
 
 def test_jit_compile_and_steps_per_execution(tiny_cfg, tmp_path):

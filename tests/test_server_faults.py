@@ -243,3 +243,32 @@ def test_run_deleted_mid_training_stops_it_with_the_refusal(server, tiny_cfg, mo
 ])
 def test_transient_errors(exc, transient):
     assert spool.transient(exc) is transient
+
+
+def test_http_retries_shortened_unless_the_user_set_them(server, monkeypatch, tmp_path):
+    """use_store on an http:// URI shortens MLflow's own HTTP retries (README: "shortened to 2"),
+    as MLflow itself then reads them; a value the user set is kept."""
+    from mlflow import environment_variables as mlflow_env
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    for name in tracking.HTTP_RETRY_DEFAULTS:  # unset here, restored (or unset) after the test
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    assert tracking.use_store() == server.url
+    assert {name: os.environ[name] for name in tracking.HTTP_RETRY_DEFAULTS} == {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+    assert (mlflow_env.MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(), mlflow_env.MLFLOW_HTTP_REQUEST_TIMEOUT.get()) == (2, 30)
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")  # the user's choice wins
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT")
+    tracking.use_store()
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "5"
+    assert mlflow_env.MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 5
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "30"
+
+    # A sqlite store is local: nothing to shorten.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'local.db'}")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    tracking.use_store()
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from seg_mlops import train
+from seg_mlops import resume, train
 from seg_mlops.errors import SegMlopsError
 from seg_mlops.infer import load_model
 
@@ -78,7 +78,15 @@ def test_lr_reducer_uses_configured_factor_and_patience(tiny_cfg):
                    "train.reducer_patience=2", "train.patience=0", "train.epoch_infer_count=0",
                    "train.monitor=val_loss")
     result = train.train(cfg, verbose=0)
-    assert result.history["learning_rate"] == pytest.approx([1e-9, 1e-9, 1e-9, 5e-10, 5e-10], rel=1e-4)
+    assert result.history["lr"] == pytest.approx([1e-9, 1e-9, 1e-9, 5e-10, 5e-10], rel=1e-4)
+    assert "learning_rate" not in result.history  # one name for the LR (epoch_clock)
+    # one clock: the resume state's rows hold the very values the History got
+    rows = resume.load_state(cfg.output_dir).rows
+    assert [r["lr"] for r in rows] == result.history["lr"]
+    assert [r["epoch_seconds"] for r in rows] == result.history["epoch_seconds"]
+    # the reference's CSV columns, without lr or epoch_seconds
+    assert (cfg.output_dir / "train_metrics.csv").read_text().splitlines()[0] == \
+        "epoch,dice_coef,val_dice_coef,iou_coef,val_iou_coef,image_dice,val_image_dice"
 
 
 def test_same_seed_same_history(tiny_cfg, tmp_path):

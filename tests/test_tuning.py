@@ -297,7 +297,14 @@ def test_killed_worker_trial_is_retried(postgres_url, binary_root, tmp_path, tra
     assert running, "the first worker never started training"
     doomed.send_signal(signal.SIGKILL)
     doomed.wait()
-    time.sleep(3)  # past the grace period (2 heartbeats) without a heartbeat
+    # Wait until the storage itself sees the trial stale: past the grace period (2 heartbeats of
+    # 1 s, measured on the database's clock) without a heartbeat.
+    storage = optuna.storages.RDBStorage(postgres_url, heartbeat_interval=1, grace_period=2)
+    study_id = storage.get_study_id_from_name("killed-worker")
+    deadline = time.time() + 60
+    while running[0]._trial_id not in storage._get_stale_trial_ids(study_id):
+        assert time.time() < deadline, "the killed worker's trial never became stale"
+        time.sleep(0.2)
 
     # A second worker finds the stale trial, fails it, and runs its retry (shorter epochs: the
     # retried trial keeps its params; tune.epochs is the worker's own setting).
@@ -348,3 +355,24 @@ def test_relaunch_does_not_replay_the_same_trials(tmp_path, tiny_cfg):
     again.optimize(lambda t: t.suggest_float("train.learning_rate", 0.001, 0.1, log=True), n_trials=3)
     values = [t.params["train.learning_rate"] for t in again.get_trials()]
     assert len(values) == 6 and len(set(values)) == 6
+
+
+def test_trial_value_is_the_best_epoch_not_the_last(tiny_cfg, tmp_path):
+    """The objective returns the best epoch's value by the monitor's direction. A large learning
+    rate (0.3) makes val_loss bounce: with this seed its minimum is at epoch 1 and epoch 2 is
+    worse, so the trial's value must be that minimum, read back from the run's MLflow history."""
+    cfg = tiny_cfg("experiment=best-epoch", f"tune.storage={tmp_path / 'best.journal'}", "tune.epochs=3",
+                   "tune.n_trials=1", "tune.pruner=none", "train.monitor=val_loss", "train.learning_rate=0.3",
+                   "train.patience=0", "train.epoch_infer_count=0", "tune.space={train.learning_rate: [0.3]}")
+    trial = tuning.run_study(cfg).get_trials()[0]
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    run_id = trial.user_attrs[tuning.RUN_ID_ATTR]
+    client = mlflow.MlflowClient()
+    history = client.get_metric_history(run_id, "val_loss")
+    assert [m.step for m in history] == [0, 1, 2]
+    values = [m.value for m in sorted(history, key=lambda m: m.step)]
+    assert values[-1] > min(values)  # the case: the last epoch is not the best
+    assert trial.value == pytest.approx(min(values), rel=1e-6) and trial.value != pytest.approx(values[-1])
+    assert client.get_run(run_id).data.metrics["best_val_loss"] == pytest.approx(trial.value, rel=1e-6)
+    # what the pruner saw per epoch is that same history
+    assert [trial.intermediate_values[e] for e in range(3)] == pytest.approx(values, rel=1e-6)
