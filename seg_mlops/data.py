@@ -167,6 +167,34 @@ def decode_file(path: str | Path, labels: bool = False) -> np.ndarray:
     return cv2.normalize(image, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
 
 
+def write_file(path: str | Path, image: np.ndarray) -> None:
+    """Write uint8 (H, W) grey or (H, W, 3) BGR channels as stored, the counterpart of decode_file
+    (imencode + tofile: non-ASCII paths work). The format follows the suffix (.png, .jpg, ...)."""
+    path = Path(path)
+    ok, buffer = cv2.imencode(path.suffix or ".png", image)
+    if not ok:
+        raise SegMlopsError(f"cannot encode {path}")
+    try:
+        buffer.tofile(path)
+    except OSError as exc:
+        raise SegMlopsError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def write_rgb(path: str | Path, image: np.ndarray) -> None:
+    """Write a uint8 RGB (H, W, 3) image (panels, colour masks, overlays, spooled images)."""
+    write_file(path, cv2.cvtColor(np.asarray(image, np.uint8), cv2.COLOR_RGB2BGR))
+
+
+def write_palette(path: str | Path, labels: np.ndarray, palette: Sequence[Sequence[int]]) -> None:
+    """Write class ids as a palette PNG (pixel value = class id, colours = palette): viewers show
+    the colours, readers get the ids. OpenCV cannot write palette PNGs, hence Pillow here only."""
+    from PIL import Image
+
+    image = Image.fromarray(np.asarray(labels, np.uint8), mode="P")
+    image.putpalette([c for colour in palette for c in colour])
+    image.save(path)
+
+
 def read_rgb(path: str | Path) -> np.ndarray:
     """Read any supported image as uint8 RGB (H, W, 3).
 

@@ -20,9 +20,8 @@ from typing import Iterable, Sequence
 
 import cv2
 import numpy as np
-from PIL import Image
 
-from seg_mlops import tiling
+from seg_mlops import data, tiling
 from seg_mlops.config import Config, TiledInferConfig
 from seg_mlops.data import list_images, read_rgb, resize_image
 from seg_mlops.errors import SegMlopsError
@@ -92,16 +91,12 @@ def overlay(image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequence[in
 def write_mask(path: Path, labels: np.ndarray, palette: Sequence[Sequence[int]], binary: bool) -> None:
     """Binary: 8-bit 0/255 PNG. Multiclass: palette PNG (values = class ids, colours = rgb_map)."""
     if binary:
-        Image.fromarray((labels * 255).astype(np.uint8), mode="L").save(path)
-        return
-    img = Image.fromarray(labels, mode="P")
-    img.putpalette([c for colour in palette for c in colour])
-    img.save(path)
+        data.write_file(path, (labels * 255).astype(np.uint8))
+    else:
+        data.write_palette(path, labels, palette)
 
 
-def write_rgb(path: Path, image: np.ndarray) -> None:
-    if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
-        raise SegMlopsError(f"cannot write {path}")
+write_rgb = data.write_rgb  # panels, colour masks and overlays (kept here: its old home)
 
 
 def predict_files(model, files: Iterable[Path], *, batch_size: int = 8, threshold: float = 0.5,

@@ -33,6 +33,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_STATE, NOT_IMPLEMENTED, ErrorCode
 
+from seg_mlops import data
 from seg_mlops.errors import SegMlopsError
 
 SPOOL_DIR = "mlflow_spool"
@@ -258,7 +259,7 @@ class RunSink:
         else:
             image = record.get("array")
             if image is None:
-                image = _read_png(self.dir / record["file"])
+                image = data.read_rgb(self.dir / record["file"])
             self.client.log_image(self.run_id, image, key=record["key"], step=record["step"], synchronous=True)
 
     # ------------------------------------------------------------------ outage bookkeeping
@@ -292,7 +293,7 @@ class RunSink:
         for record in self.pending:
             if record["kind"] == "image" and "file" not in record:
                 record["file"] = f"{record['step']:05d}_{time.time_ns()}.png"
-                _write_png(self.dir / record["file"], record["array"])
+                data.write_rgb(self.dir / record["file"], record["array"])
             lines.append(json.dumps({k: v for k, v in record.items() if k != "array"}))
         tmp = self.dir / (SPOOL_FILE + ".tmp")
         tmp.write_text("\n".join(lines) + "\n")
@@ -317,13 +318,3 @@ def _call_name(record: dict) -> str:
     return f"log_image {record['key']} of step {record['step']}"
 
 
-def _write_png(path: Path, image: np.ndarray) -> None:
-    from PIL import Image
-
-    Image.fromarray(np.asarray(image, np.uint8)).save(path)
-
-
-def _read_png(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(path).convert("RGB"))

@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from seg_mlops import tiling
+from seg_mlops import data, tiling
 from seg_mlops.data import IMAGE_SUFFIXES, check_same_size, decode_file, pair_files
 from seg_mlops.errors import SegMlopsError
 
@@ -28,13 +28,6 @@ class TilingReport:
     tiles: int  # tile pairs written (whole pairs not counted)
     wholes: int  # downscaled whole pairs written
     skipped: int  # source pairs that gave no tile (edge="skip" and smaller than one tile)
-
-
-def _write(path: Path, array: np.ndarray) -> None:
-    ok, buffer = cv2.imencode(".png", array)
-    if not ok:
-        raise SegMlopsError(f"cannot encode {path}")
-    buffer.tofile(path)  # tofile + imencode: non-ASCII paths work (as data.decode_file reads them)
 
 
 def _prepare(output: Path, overwrite: bool) -> tuple[Path, Path]:
@@ -96,12 +89,12 @@ def make_tiles(images_dir: str | Path, masks_dir: str | Path, output: str | Path
         digits = max(2, len(str(max(grid.rows, grid.cols) - 1)))
         for t in grid:
             name = f"{pair.image.stem}_{t.row:0{digits}d}x{t.col:0{digits}d}.png"
-            _write(images_out / name, image[t.y:t.y + tile, t.x:t.x + tile])
-            _write(masks_out / name, mask[t.y:t.y + tile, t.x:t.x + tile])
+            data.write_file(images_out / name, image[t.y:t.y + tile, t.x:t.x + tile])
+            data.write_file(masks_out / name, mask[t.y:t.y + tile, t.x:t.x + tile])
             tiles += 1
         if whole:
             name = f"{pair.image.stem}_whole.png"
-            _write(images_out / name, cv2.resize(image[:height, :width], (whole, whole), interpolation=cv2.INTER_AREA))
-            _write(masks_out / name, cv2.resize(mask[:height, :width], (whole, whole), interpolation=cv2.INTER_NEAREST))
+            data.write_file(images_out / name, cv2.resize(image[:height, :width], (whole, whole), interpolation=cv2.INTER_AREA))
+            data.write_file(masks_out / name, cv2.resize(mask[:height, :width], (whole, whole), interpolation=cv2.INTER_NEAREST))
             wholes += 1
     return TilingReport(len(pairs), tiles, wholes, skipped)
