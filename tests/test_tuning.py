@@ -197,7 +197,7 @@ def test_user_error_in_a_trial_stops_the_study(tiny_cfg, binary_root, tmp_path, 
     trials = tuning.load_study(cfg).get_trials()
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
                                          optuna.trial.TrialState.WAITING]  # the third never started
-    assert trials[1].user_attrs[tuning.FAIL_REASON_ATTR].startswith("SegMlopsError: folder not found: ")
+    assert trials[1].user_attrs[tuning.FAIL_REASON_ATTR].startswith("SegMlopsError: no validation split: ")
     assert {n: r.info.status for n, r in _trial_runs("data-gone").items()} == {0: "FINISHED", 1: "FAILED"}
     parent = [r for r in mlflow.search_runs(experiment_names=["data-gone"], output_format="list")
               if r.info.run_name == "study-data-gone"]
