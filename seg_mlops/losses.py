@@ -135,9 +135,14 @@ def per_class_dice(y_true, y_pred, smooth: float = 1.0):
 # computation. A split with nothing to score gives NaN (data.prepare refuses such splits first).
 
 
-def _foreground(y, channels: int):
-    """The foreground channels: the one sigmoid channel (binary), or 1..C-1 (softmax)."""
-    return y if channels == 1 else y[..., 1:]
+def _foreground_sums(y_true, y_pred, channels: int, per_image: bool):
+    """(intersection, truth, predicted) pixel sums of the foreground channels (the one sigmoid
+    channel, or 1..C-1 of a softmax): per class over the batch, or per image and class."""
+    y_true, y_pred = _as_float32(y_true, y_pred)
+    if channels > 1:
+        y_true, y_pred = y_true[..., 1:], y_pred[..., 1:]
+    axes = tuple(range(1 if per_image else 0, len(y_true.shape) - 1))
+    return ops.sum(y_true * y_pred, axis=axes), ops.sum(y_true, axis=axes), ops.sum(y_pred, axis=axes)
 
 
 @_register
@@ -163,12 +168,9 @@ class ClassDice(keras.metrics.Metric):
         self.predicted = self.add_variable(shape=(classes,), initializer="zeros", name="predicted")
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-        y_true, y_pred = _as_float32(y_true, y_pred)
-        y_true, y_pred = _foreground(y_true, self.num_classes), _foreground(y_pred, self.num_classes)
-        axes = tuple(range(len(y_true.shape) - 1))
-        self.intersection.assign_add(ops.sum(y_true * y_pred, axis=axes))
-        self.truth.assign_add(ops.sum(y_true, axis=axes))
-        self.predicted.assign_add(ops.sum(y_pred, axis=axes))
+        for variable, value in zip((self.intersection, self.truth, self.predicted),
+                                   _foreground_sums(y_true, y_pred, self.num_classes, per_image=False)):
+            variable.assign_add(value)
 
     def result(self):
         present = ops.cast(self.truth > 0, "float32")
@@ -199,11 +201,8 @@ class ImageDice(keras.metrics.Metric):
         self.count = self.add_variable(shape=(), initializer="zeros", name="count")
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-        y_true, y_pred = _as_float32(y_true, y_pred)
-        y_true, y_pred = _foreground(y_true, self.num_classes), _foreground(y_pred, self.num_classes)
-        axes = tuple(range(1, len(y_true.shape) - 1))  # (batch, classes) sums over H, W
-        truth = ops.sum(y_true, axis=axes)
-        dice = 2.0 * ops.sum(y_true * y_pred, axis=axes) / ops.maximum(truth + ops.sum(y_pred, axis=axes), 1e-7)
+        intersection, truth, predicted = _foreground_sums(y_true, y_pred, self.num_classes, per_image=True)
+        dice = 2.0 * intersection / ops.maximum(truth + predicted, 1e-7)  # (batch, classes)
         present = ops.cast(truth > 0, "float32")
         classes = ops.sum(present, axis=-1)  # foreground classes in each image's truth
         image = ops.sum(dice * present, axis=-1) / ops.maximum(classes, 1.0)
