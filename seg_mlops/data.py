@@ -155,9 +155,17 @@ def decode_file(path: str | Path, labels: bool = False) -> np.ndarray:
         buffer = np.fromfile(path, dtype=np.uint8)  # np.fromfile + imdecode: non-ASCII paths work
     except OSError as exc:
         raise SegMlopsError(f"cannot read {path}: {exc.strerror}") from None
+    return decode_bytes(buffer, path, labels, "; replace or remove it")
+
+
+def decode_bytes(buffer: bytes | np.ndarray, name: object = "image", labels: bool = False,
+                 hint: str = "") -> np.ndarray:
+    """`decode_file` for the bytes of an encoded file (PNG, JPEG, TIFF, BMP...); `name` and `hint`
+    go into the error for data that is no image."""
+    buffer = np.frombuffer(buffer, dtype=np.uint8) if isinstance(buffer, (bytes, bytearray)) else buffer
     image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED) if buffer.size else None
     if image is None:
-        raise SegMlopsError(f"cannot decode {path}: empty, truncated or not an image; replace or remove it")
+        raise SegMlopsError(f"cannot decode {name}: empty, truncated or not an image{hint}")
     if image.dtype == np.uint8:
         return image
     if labels:

@@ -1,7 +1,9 @@
 """Model registry: register an experiment's best trained run as `seg-<experiment>` and gate promotion.
 
-Aliases: `candidate` is the latest registered version; `champion` moves only when the candidate
-beats it on the monitored metric (or when forced). Serving and inference load
+The registered model is the run's segmentation pipeline (serving.py: encoded images of any size
+in, masks out); runs that logged only the raw Keras network register that. Aliases: `candidate`
+is the latest registered version; `champion` moves only when the candidate beats it on the
+monitored metric (or when forced). Serving and inference load
 `models:/seg-<experiment>@champion`, so they follow promotions without a code change.
 """
 
@@ -160,7 +162,8 @@ def register_best(cfg: Config, metric: str | None = None, force: bool = False,
             run = client.get_run(run_id)
         except MlflowException:
             raise SegMlopsError(f"run {run_id} not found in {tracking.tracking_uri()}") from None
-    model_uri = run.data.tags.get(tracking.MODEL_URI_TAG)
+    # the pipeline (images in, masks out) when the run logged one; runs from before it: the network
+    model_uri = run.data.tags.get(tracking.PIPELINE_URI_TAG) or run.data.tags.get(tracking.MODEL_URI_TAG)
     if model_uri is None:
         raise SegMlopsError(f"run {run.info.run_id} has no logged model (tag {tracking.MODEL_URI_TAG}); "
                             f"register a training run")
