@@ -13,6 +13,7 @@ only the pip requirements it lists: no Optuna, no training code runs at load.
 
 from __future__ import annotations
 
+import base64
 import importlib.metadata
 import tempfile
 from pathlib import Path
@@ -33,7 +34,8 @@ KERAS_ARTIFACT = "keras_model"
 INPUT_COLUMN = "image"
 # param -> allowed values (the string params; the signature only checks types)
 CHOICES = {"mode": ("resize", "tiled"), "blend": ("average", "context", "bitwise_blending"),
-           "output": ("mask", "probabilities", "colorized"), "on_error": ("raise", "report")}
+           "output": ("mask", "probabilities", "colorized"), "on_error": ("raise", "report"),
+           "encoding": ("bytes", "base64")}
 # The pipeline's own requirements (distribution names): what the pipeline imports at load.
 REQUIREMENTS = ("keras", "numpy", "opencv-python-headless", "pillow", "PyYAML", "pandas")
 
@@ -52,6 +54,7 @@ def params_schema(cfg: Config):
         ParamSpec("tta", "boolean", False),
         ParamSpec("output", "string", "mask"),
         ParamSpec("on_error", "string", "raise"),
+        ParamSpec("encoding", "string", "bytes"),
     ])
 
 
@@ -127,7 +130,8 @@ class SegmentationPipeline(mlflow.pyfunc.PythonModel):
     probabilities), `height`, `width`, `pixels` (pixel count of each class id in the mask; empty
     for output=probabilities) and `error`
     (empty, or why the image failed with on_error=report; with on_error=raise a bad image fails
-    the whole call with one line)."""
+    the whole call with one line). encoding=base64 gives `mask` as a base64 string (Spark: a
+    spark_udf result cannot be binary)."""
 
     def load_context(self, context) -> None:
         import keras
@@ -136,7 +140,8 @@ class SegmentationPipeline(mlflow.pyfunc.PythonModel):
         self.config = dict(context.model_config or {})
 
     def settings(self, params: dict | None) -> tuple[infer.Settings, str, str]:
-        """(Settings, output, on_error) from the call's params; a bad value is BadInput."""
+        """(Settings, output, on_error) from the call's params (`encoding` is read by predict); a
+        bad value is BadInput."""
         params = dict(params or {})
         for key, allowed in CHOICES.items():
             if key in params and params[key] not in allowed:
@@ -180,6 +185,9 @@ class SegmentationPipeline(mlflow.pyfunc.PythonModel):
             raise BadInput(str(exc).replace("tiled_infer.", "param ")) from None
         for i, row in zip(index, encoded):
             rows[i].update(row)
+        if (params or {}).get("encoding") == "base64":  # for Spark: spark_udf has no binary result type
+            for row in rows:
+                row["mask"] = base64.b64encode(row["mask"]).decode("ascii")
         return pd.DataFrame(rows, columns=["mask", "height", "width", "pixels", "error"])
 
     def run(self, images: list[np.ndarray], settings: infer.Settings, output: str) -> list[dict]:

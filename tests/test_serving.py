@@ -27,36 +27,15 @@ from PIL import Image
 from seg_mlops import config, infer, registry, serving, synthetic, tracking
 from seg_mlops.cli import cli
 from seg_mlops.data import read_rgb
-from tests.conftest import TINY
+from tests.conftest import SERVING_EXPERIMENT, TINY
 from tests.test_mlflow import MLFLOW, free_port, serve, venv_env
 
-EXPERIMENT = "serving"
-CHAMPION = f"models:/{registry.registered_name(EXPERIMENT)}@champion"
+CHAMPION = f"models:/{registry.registered_name(SERVING_EXPERIMENT)}@champion"
 
 
-@pytest.fixture(scope="module")
-def trained(binary_root, tmp_path_factory, tracking_store):
-    """One tiny training run (32 px model), registered as champion, and a folder of images of other
-    sizes: the synthetic test images (48 px), one stretched to 70x53 and one as JPEG."""
-    tmp = tmp_path_factory.mktemp("serving")
-    mlflow.set_tracking_uri(tracking_store)
-    cfg = config.load(None, [f"data.root={binary_root}", f"train.output_dir={tmp / 'out'}", *TINY,
-                             "train.epochs=1", f"experiment={EXPERIMENT}", "tiled_infer.overlap=4",
-                             "tiled_infer.tile_size=24"])
-    _, run_id = tracking.train(cfg)
-    result = registry.register_best(cfg)
-    assert result.promoted and result.run_id == run_id
-    images = tmp / "images"
-    images.mkdir()
-    sources = sorted((binary_root / "test" / "images").glob("*.png"))
-    for src in sources[:2]:
-        (images / src.name).write_bytes(src.read_bytes())
-    stretched = cv2.resize(cv2.imread(str(sources[2])), (70, 53), interpolation=cv2.INTER_LINEAR)
-    cv2.imwrite(str(images / "stretched.png"), stretched)
-    cv2.imwrite(str(images / "photo.jpg"), cv2.imread(str(sources[3])), [cv2.IMWRITE_JPEG_QUALITY, 90])
-    yaml_path = tmp / "cfg.yaml"
-    yaml_path.write_text(config.to_yaml(cfg))
-    return {"cfg": cfg, "yaml": yaml_path, "run_id": run_id, "images": images, "tmp": tmp}
+@pytest.fixture
+def trained(serving_run):
+    return serving_run
 
 
 def cli_masks(trained, command: str, *extra: str) -> dict[str, bytes]:
@@ -191,3 +170,24 @@ def test_multiclass_pipeline_writes_palette_pngs_like_infer(multiclass_root, tmp
     labels = [np.asarray(Image.open(p)) for p in sorted(expected_paths)]
     assert out["pixels"].map(list).tolist() == [np.bincount(lab.ravel(), minlength=3).tolist() for lab in labels]
     assert len({int(v) for lab in labels for v in np.unique(lab)}) > 1  # not a constant answer
+
+
+def test_registered_version_has_a_model_card_and_a_dockerfile(trained, tmp_path):
+    client = mlflow.MlflowClient()
+    version = client.get_model_version_by_alias(registry.registered_name(SERVING_EXPERIMENT), "champion")
+    run = client.get_run(trained["run_id"])
+    card = version.description
+    assert f"dataset fingerprint: `{run.data.tags['seg_mlops.dataset_fingerprint']}`" in card
+    assert "classes (2): 0 background (0, 0, 0), 1 foreground (mask value 255)" in card
+    assert f"| test_dice_coef | {run.data.metrics['test_dice_coef']:.4f} |" in card
+    assert f"| best_val_dice_coef (ranks versions) | {run.data.metrics['best_val_dice_coef']:.4f} |" in card
+    assert f"mlflow models serve -m models:/seg-serving/{version.version} --env-manager local" in card
+    # MLflow's own Dockerfile generator takes the pipeline as it is (building it needs Docker).
+    out = tmp_path / "docker"
+    proc = subprocess.run([MLFLOW, "models", "generate-dockerfile", "-m", CHAMPION, "-d", str(out)],
+                          env=venv_env(MLFLOW_TRACKING_URI=tracking.tracking_uri()), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ENTRYPOINT" in (out / "Dockerfile").read_text()
+    assert (out / "model_dir" / "code" / "seg_mlops" / "serving.py").is_file()
+    assert "keras==" in (out / "model_dir" / "requirements.txt").read_text()
