@@ -152,8 +152,12 @@ class SegmentationPipeline(mlflow.pyfunc.PythonModel):
         for key in ("tile_size", "overlap"):
             if int(params.get(key, 0)) < 0:
                 raise BadInput(f"param {key}={params[key]}: expected a value >= 0")
-        tiled = infer.TiledInferConfig(tile_size=int(params.get("tile_size", 0)),
-                                       overlap=int(params.get("overlap", 64)),
+        tile_size, overlap = int(params.get("tile_size", 0)), int(params.get("overlap", 64))
+        side = min(infer.tile_shape(self.model, tile_size))
+        if params.get("mode") == "tiled" and 2 * overlap >= side:
+            raise BadInput(f"param overlap={overlap}: must be below half the tile ({side} px), "
+                           f"i.e. at most {(side - 1) // 2}")
+        tiled = infer.TiledInferConfig(tile_size=tile_size, overlap=overlap,
                                        mode=params.get("blend", "average"),
                                        batch_size=int(self.config.get("tile_batch_size", 8)))
         settings = infer.Settings(mode=params.get("mode", "resize"), threshold=threshold, tiled=tiled,
@@ -181,8 +185,8 @@ class SegmentationPipeline(mlflow.pyfunc.PythonModel):
                 rows[i]["error"] = str(exc)
         try:
             encoded = self.run(images, settings, output)
-        except SegMlopsError as exc:  # e.g. an overlap too large for the tile
-            raise BadInput(str(exc).replace("tiled_infer.", "param ")) from None
+        except SegMlopsError as exc:
+            raise BadInput(str(exc)) from None
         for i, row in zip(index, encoded):
             rows[i].update(row)
         if (params or {}).get("encoding") == "base64":  # for Spark: spark_udf has no binary result type

@@ -122,7 +122,10 @@ def test_pipeline_in_python(trained):
 
     mixed = model.predict(pd.DataFrame({"image": [b"junk", files[0].read_bytes()]}), params={"on_error": "report"})
     assert mixed["error"].tolist() == ["cannot decode image 0: empty, truncated or not an image", ""]
-    assert mixed["mask"].tolist() == [b"", as_bytes["mask"][0]]
+    alone = model.predict(pd.DataFrame({"image": [files[0].read_bytes()]}))["mask"][0]
+    assert mixed["mask"].tolist() == [b"", alone] and labels_of(alone).tolist() == labels_of(as_bytes["mask"][0]).tolist()
+    with pytest.raises(MlflowException, match=r"param overlap=12: must be below half the tile \(24 px\), i.e. at most 11"):
+        model.predict(pd.DataFrame({"image": arrays[:1]}), params={"mode": "tiled", "overlap": 12})
     with pytest.raises(MlflowException, match="image 0: expected an HxWx3 uint8 RGB array"):
         model.predict(pd.DataFrame({"image": [np.zeros((4, 4), np.uint8)]}))
 
