@@ -8,7 +8,8 @@ One job: measure and print, side by side in one run, images/s of
   (c) the raw batched forward pass: model.predict_on_batch over the same images resized and
       batched beforehand (no decoding, no resizing back, no encoding, no files),
 the ratios a/b, a/c and b/c, Spark's one-off start (session, spark_udf, first partition: model
-loaded in every Python worker), and the per-image work of the pipeline split into decode, resize,
+loaded in every Python worker), each engine's per-job cost (a job of 4 images: the model downloaded
+and loaded, by every Python worker on Spark) and its images/s past that cost, and the per-image work of the pipeline split into decode, resize,
 forward, resize back + threshold and PNG encode, as shares of the total. It asserts nothing.
 
 Run from the repository root (needs the `spark` extra and Java 17):
@@ -38,6 +39,7 @@ os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"  # before any TensorFlow import
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+SMALL = 4  # images of the Spark job that measures the per-job cost
 
 
 def make_images(folder: Path, count: int, width: int, height: int) -> list[Path]:
@@ -134,6 +136,11 @@ def main() -> None:
     network.predict_on_batch(__import__("numpy").zeros((args.batch, args.size, args.size, 3), "float32"))
 
     figures: dict[str, list[float]] = {"spark": [], "local": [], "forward": []}
+    fixed: dict[str, list[float]] = {"spark": [], "local": []}  # seconds of a job of SMALL images
+    small = tmp / "small"
+    small.mkdir()
+    for f in files[:SMALL]:
+        (small / f.name).write_bytes(f.read_bytes())
 
     def once(variant: str, n: int) -> None:
         if variant == "forward":
@@ -143,6 +150,8 @@ def main() -> None:
         r = batch.run(uri, [str(tmp / "images")], out, engine=variant, master="local[2]", batch_size=args.batch)
         assert r.written == len(files) and not r.failed, r
         figures[variant].append(len(files) / r.seconds)
+        fixed[variant].append(batch.run(uri, [str(small)], tmp / f"small-{variant}-{n}", engine=variant,
+                                        master="local[2]", batch_size=args.batch).seconds)
 
     for n in range(args.rounds):
         for variant in (["spark", "local", "forward"] if n % 2 == 0 else ["forward", "local", "spark"]):
@@ -151,7 +160,17 @@ def main() -> None:
     print(f"first spark run (start + {args.images} images): {spark_start:.1f} s")
     for k, v in figures.items():
         print(f"{k:8s} images/s: median {med[k]:7.1f}  rounds {', '.join(f'{x:.1f}' for x in v)}")
-    print(f"ratios: spark/local {med['spark'] / med['local']:.2f}, spark/forward {med['spark'] / med['forward']:.2f}, "
+    past = {}
+    for engine in ("spark", "local"):  # per-job cost: model download and load (spark: in every worker)
+        per_job = statistics.median(fixed[engine])
+        rest = len(files) / med[engine] - per_job
+        past[engine] = (len(files) - SMALL) / rest if rest > 0 else float("nan")
+        print(f"{engine} per-job cost (a job of {SMALL} images): {per_job:.1f} s; images/s past it: "
+              + (f"{past[engine]:.1f}" if rest > 0 else "n/a (the machine's noise exceeds the difference)"))
+    if all(v == v for v in past.values()):  # no NaN
+        print(f"ratios past the per-job cost: spark/local {past['spark'] / past['local']:.2f}, "
+              f"spark/forward {past['spark'] / med['forward']:.2f}, local/forward {past['local'] / med['forward']:.2f}")
+    print(f"ratios of whole jobs: spark/local {med['spark'] / med['local']:.2f}, spark/forward {med['spark'] / med['forward']:.2f}, "
           f"local/forward {med['local'] / med['forward']:.2f}")
     per = stages(network, files, cfg)
     total = sum(per.values())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import math
 import os
 import sys
 import time
@@ -29,6 +30,7 @@ from seg_mlops.errors import SegMlopsError
 # What spark_udf returns per image (the pipeline with encoding=base64: no binary result type).
 RESULT_TYPE = "struct<mask: string, error: string>"
 FAILED_FILE = "failed.csv"
+PARTITION = 256  # most images per Spark partition
 
 
 @dataclass
@@ -181,7 +183,9 @@ def score_spark(model_uri: str, todo: Sequence[tuple[Path, Path]], params: dict,
     except Exception as exc:
         raise SegMlopsError(f"cannot load model {model_uri}: {str(exc).splitlines()[0]}") from None
     targets = {str(image): str(mask) for image, mask in todo}
-    partitions = max(1, min(len(todo), spark.sparkContext.defaultParallelism * 4))
+    # One partition per core (each Python worker loads the model once and keeps its traced batch
+    # shapes), more for large jobs so a lost task or a slow executor costs at most PARTITION images.
+    partitions = min(len(todo), max(spark.sparkContext.defaultParallelism, math.ceil(len(todo) / PARTITION)))
     scored = (spark.read.format("binaryFile").load([str(image) for image, _ in todo])
               .repartition(partitions)
               .select("path", udf(F.struct(F.col("content").alias("image"))).alias("out"))
