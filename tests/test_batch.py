@@ -56,3 +56,15 @@ def test_batch_infer_writes_the_masks_of_infer(serving_run, batch_input, tmp_pat
     text = batch_infer("--images", f"{root}/**/*.*", "--output", str(out), *engine_args)
     assert "wrote 1 masks" in text and "3 already there; 1 failed" in text
     assert {str(p.relative_to(out).with_suffix("")): p.read_bytes() for p in out.rglob("*.png")} == written
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--model", CHAMPION, "--images", "{tmp}/nowhere/*.png"], "Error: --images {tmp}/nowhere/*.png: no images there"),
+    (["--model", "models:/seg-no-such-model@champion", "--images", "{images}"],
+     "Error: cannot load model models:/seg-no-such-model@champion:"),
+])
+def test_batch_infer_bad_input_is_one_line(serving_run, tmp_path, args, line):
+    args = [a.format(tmp=tmp_path, images=serving_run["images"]) for a in args]
+    result = CliRunner().invoke(cli, ["batch-infer", *args, "--output", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert result.output.strip().count("\n") == 0 and result.output.startswith(line.format(tmp=tmp_path)), result.output
