@@ -9,7 +9,7 @@ One job: measure and print, side by side in one run, images/s of
       batched beforehand (no decoding, no resizing back, no encoding, no files),
 the ratios a/b, a/c and b/c, Spark's one-off start (session, spark_udf, first partition: model
 loaded in every Python worker), each engine's per-job cost (a job of 4 images: the model downloaded
-and loaded, by every Python worker on Spark) and its images/s past that cost, and the per-image work of the pipeline split into decode, resize,
+and loaded, by every Python worker on Spark), and the per-image work of the pipeline split into decode, resize,
 forward, resize back + threshold and PNG encode, as shares of the total. It asserts nothing.
 
 Run from the repository root (needs the `spark` extra and Java 17):
@@ -160,16 +160,8 @@ def main() -> None:
     print(f"first spark run (start + {args.images} images): {spark_start:.1f} s")
     for k, v in figures.items():
         print(f"{k:8s} images/s: median {med[k]:7.1f}  rounds {', '.join(f'{x:.1f}' for x in v)}")
-    past = {}
-    for engine in ("spark", "local"):  # per-job cost: model download and load (spark: in every worker)
-        per_job = statistics.median(fixed[engine])
-        rest = len(files) / med[engine] - per_job
-        past[engine] = (len(files) - SMALL) / rest if rest > 0 else float("nan")
-        print(f"{engine} per-job cost (a job of {SMALL} images): {per_job:.1f} s; images/s past it: "
-              + (f"{past[engine]:.1f}" if rest > 0 else "n/a (the machine's noise exceeds the difference)"))
-    if all(v == v for v in past.values()):  # no NaN
-        print(f"ratios past the per-job cost: spark/local {past['spark'] / past['local']:.2f}, "
-              f"spark/forward {past['spark'] / med['forward']:.2f}, local/forward {past['local'] / med['forward']:.2f}")
+    for engine in ("spark", "local"):  # model download and load (spark: in every Python worker)
+        print(f"{engine} per-job cost (a job of {SMALL} images): {statistics.median(fixed[engine]):.1f} s")
     print(f"ratios of whole jobs: spark/local {med['spark'] / med['local']:.2f}, spark/forward {med['spark'] / med['forward']:.2f}, "
           f"local/forward {med['local'] / med['forward']:.2f}")
     per = stages(network, files, cfg)
