@@ -25,6 +25,8 @@ demo: install
 test: install
 	# Headless Chromium for the UI tests (Debian packages, installed once; the tests say why if it fails)
 	bash tests/browser.sh >/dev/null || true
+	# Java 17 for Spark (batch-infer --engine spark), likewise
+	bash tracking/java.sh >/dev/null || true
 	$(BIN)/python -m pytest
 
 clean:

@@ -49,6 +49,9 @@ def extras_options(command):
                         help="Also write colour masks [config: infer.colorize].")(command)
 
 
+tta_option = click.option("--tta", is_flag=True,
+                          help="Average the predictions of each image and its left-right and up-down flips.")
+
 model_option = click.option("--model", "model_path", type=click.Path(), required=True,
                             help="best_model.keras written by train, or an MLflow URI "
                                  "(models:/seg-<experiment>@champion, runs:/<id>/model).")
@@ -162,20 +165,19 @@ def evaluate(config_path: str, model_path: str, overrides: tuple[str, ...], sets
 @click.option("--images", type=click.Path(file_okay=False), required=True, help="Folder of images (any size).")
 @click.option("--output", type=click.Path(file_okay=False), required=True, help="Folder for the masks.")
 @extras_options
+@tta_option
 def infer(config_path: str, model_path: str, overrides: tuple[str, ...], sets: str, images: str, output: str,
-          colorize: bool | None, overlay: bool | None) -> None:
+          colorize: bool | None, overlay: bool | None, tta: bool) -> None:
     """Predict masks for a folder of images, written at each image's original size."""
     cfg = _load(config_path, overrides, sets)
     from seg_mlops import tracking
-    from seg_mlops.infer import infer_folder
+    from seg_mlops.infer import Settings, infer_folder
 
     model = tracking.load_model(model_path)
     written = infer_folder(
-        model, images, output, palette=cfg.palette(), threshold=cfg.infer.threshold,
-        batch_size=cfg.infer.batch_size,
+        model, images, output, palette=cfg.palette(), settings=Settings.from_config(cfg, "resize", tta),
         colorize_masks=cfg.infer.colorize if colorize is None else colorize,
-        overlays=cfg.infer.overlay if overlay is None else overlay,
-        alpha=cfg.infer.overlay_alpha, interpolation=cfg.data.image_interpolation)
+        overlays=cfg.infer.overlay if overlay is None else overlay, alpha=cfg.infer.overlay_alpha)
     click.echo(f"wrote {len(written)} masks to {output}")
 
 
@@ -187,19 +189,55 @@ def infer(config_path: str, model_path: str, overrides: tuple[str, ...], sets: s
 @click.option("--images", type=click.Path(file_okay=False), required=True, help="Folder of large images.")
 @click.option("--output", type=click.Path(file_okay=False), required=True, help="Folder for the masks.")
 @extras_options
+@tta_option
 def tiled_infer(config_path: str, model_path: str, overrides: tuple[str, ...], sets: str, images: str,
-                output: str, colorize: bool | None, overlay: bool | None) -> None:
+                output: str, colorize: bool | None, overlay: bool | None, tta: bool) -> None:
     """Predict masks of large images tile by tile (config: tiled_infer), at full resolution."""
     cfg = _load(config_path, overrides, sets)
     from seg_mlops import tracking
     from seg_mlops.infer import tile_shape, tiled_infer_folder
 
     model = tracking.load_model(model_path)
-    written = tiled_infer_folder(model, images, output, cfg, colorize_masks=colorize, overlays=overlay)
+    written = tiled_infer_folder(model, images, output, cfg, colorize_masks=colorize, overlays=overlay, tta=tta)
     t = cfg.tiled_infer
     height, width = tile_shape(model, t.tile_size)
     click.echo(f"wrote {len(written)} masks to {output} ({height}x{width} px tiles, overlap {t.overlap}, "
                f"mode {t.mode})")
+
+
+@cli.command("batch-infer")
+@click.option("--model", "model_uri", required=True,
+              help="A pipeline model: models:/seg-<experiment>@champion, runs:/<id>/pipeline or a folder.")
+@click.option("--images", "inputs", multiple=True, required=True,
+              help="A folder of images or a glob ('slides/**/*.jpg'); repeat for more.")
+@click.option("--output", type=click.Path(file_okay=False), required=True,
+              help="Folder for the masks (same relative names, .png) and failed.csv.")
+@click.option("--engine", type=click.Choice(["local", "spark"]), default="local", show_default=True,
+              help="local: this process; spark: Apache Spark through mlflow.pyfunc.spark_udf.")
+@click.option("--master", default="local[*]", show_default=True,
+              help="Spark master for --engine spark (spark://host:7077, yarn, k8s://...).")
+@click.option("--mode", type=click.Choice(["resize", "tiled"]), default="resize", show_default=True,
+              help="Resize each image to the model, or tile it at full resolution.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None,
+              help="Binary foreground threshold [default: the model's, from its training config].")
+@tta_option
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True,
+              help="Images per pipeline call (per Arrow batch on Spark).")
+def batch_infer(model_uri: str, inputs: tuple[str, ...], output: str, engine: str, master: str, mode: str,
+                threshold: float | None, tta: bool, batch_size: int) -> None:
+    """Masks for many images with a registered pipeline; skips masks already written, reports
+    undecodable images in failed.csv instead of stopping."""
+    from seg_mlops import batch, tracking
+
+    if not Path(model_uri).exists():
+        tracking.use_store(create=False)
+    params = {"mode": mode, "tta": tta, **({} if threshold is None else {"threshold": threshold})}
+    r = batch.run(model_uri, inputs, output, engine=engine, master=master, params=params, batch_size=batch_size)
+    scored = r.written + len(r.failed)
+    rate = f", {scored / r.seconds:.1f} images/s" if scored and r.seconds else ""
+    click.echo(f"wrote {r.written} masks to {output} in {r.seconds:.1f} s ({engine}{rate}); "
+               f"{r.skipped} already there; {len(r.failed)} failed"
+               + (f" (reasons in {Path(output) / batch.FAILED_FILE})" if r.failed else ""))
 
 
 @cli.command("make-tiles")

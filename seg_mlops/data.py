@@ -155,9 +155,17 @@ def decode_file(path: str | Path, labels: bool = False) -> np.ndarray:
         buffer = np.fromfile(path, dtype=np.uint8)  # np.fromfile + imdecode: non-ASCII paths work
     except OSError as exc:
         raise SegMlopsError(f"cannot read {path}: {exc.strerror}") from None
+    return decode_bytes(buffer, path, labels, "; replace or remove it")
+
+
+def decode_bytes(buffer: bytes | np.ndarray, name: object = "image", labels: bool = False,
+                 hint: str = "") -> np.ndarray:
+    """`decode_file` for the bytes of an encoded file (PNG, JPEG, TIFF, BMP...); `name` and `hint`
+    go into the error for data that is no image."""
+    buffer = np.frombuffer(buffer, dtype=np.uint8) if isinstance(buffer, (bytes, bytearray)) else buffer
     image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED) if buffer.size else None
     if image is None:
-        raise SegMlopsError(f"cannot decode {path}: empty, truncated or not an image; replace or remove it")
+        raise SegMlopsError(f"cannot decode {name}: empty, truncated or not an image{hint}")
     if image.dtype == np.uint8:
         return image
     if labels:
@@ -167,32 +175,50 @@ def decode_file(path: str | Path, labels: bool = False) -> np.ndarray:
     return cv2.normalize(image, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
 
 
-def write_file(path: str | Path, image: np.ndarray) -> None:
-    """Write uint8 (H, W) grey or (H, W, 3) BGR channels as stored, the counterpart of decode_file
-    (imencode + tofile: non-ASCII paths work). The format follows the suffix (.png, .jpg, ...)."""
-    path = Path(path)
-    ok, buffer = cv2.imencode(path.suffix or ".png", image)
+def encode_file(image: np.ndarray, suffix: str = ".png") -> bytes:
+    """uint8 (H, W) grey or (H, W, 3) BGR channels as a file's bytes, as stored: the counterpart
+    of decode_file. The format follows the suffix (.png, .jpg, ...)."""
+    ok, buffer = cv2.imencode(suffix, image)
     if not ok:
-        raise SegMlopsError(f"cannot encode {path}")
-    try:
-        buffer.tofile(path)
-    except OSError as exc:
-        raise SegMlopsError(f"cannot write {path}: {exc.strerror}") from None
+        raise SegMlopsError(f"cannot encode a {image.shape} {image.dtype} image as {suffix}")
+    return buffer.tobytes()
 
 
-def write_rgb(path: str | Path, image: np.ndarray) -> None:
-    """Write a uint8 RGB (H, W, 3) image (panels, colour masks, overlays, spooled images)."""
-    write_file(path, cv2.cvtColor(np.asarray(image, np.uint8), cv2.COLOR_RGB2BGR))
+def encode_rgb(image: np.ndarray, suffix: str = ".png") -> bytes:
+    """A uint8 RGB (H, W, 3) image (panels, colour masks, overlays) as a file's bytes."""
+    return encode_file(cv2.cvtColor(np.asarray(image, np.uint8), cv2.COLOR_RGB2BGR), suffix)
 
 
-def write_palette(path: str | Path, labels: np.ndarray, palette: Sequence[Sequence[int]]) -> None:
-    """Write class ids as a palette PNG (pixel value = class id, colours = palette): viewers show
-    the colours, readers get the ids. OpenCV cannot write palette PNGs, hence Pillow here only."""
+def encode_palette(labels: np.ndarray, palette: Sequence[Sequence[int]]) -> bytes:
+    """Class ids as a palette PNG (pixel value = class id, colours = palette): viewers show the
+    colours, readers get the ids. OpenCV cannot write palette PNGs, hence Pillow here only."""
+    import io
+
     from PIL import Image
 
     image = Image.fromarray(np.asarray(labels, np.uint8), mode="P")
     image.putpalette([c for colour in palette for c in colour])
-    image.save(path)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_bytes(path: str | Path, content: bytes) -> None:
+    """Write encoded bytes to `path`; a failure names the file."""
+    try:
+        Path(path).write_bytes(content)
+    except OSError as exc:
+        raise SegMlopsError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def write_file(path: str | Path, image: np.ndarray) -> None:
+    """Write uint8 grey or BGR channels as stored (format from the suffix); see encode_file."""
+    write_bytes(path, encode_file(image, Path(path).suffix or ".png"))
+
+
+def write_rgb(path: str | Path, image: np.ndarray) -> None:
+    """Write a uint8 RGB (H, W, 3) image (panels, colour masks, overlays, spooled images)."""
+    write_bytes(path, encode_rgb(image, Path(path).suffix or ".png"))
 
 
 def read_rgb(path: str | Path) -> np.ndarray:

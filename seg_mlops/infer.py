@@ -15,6 +15,9 @@ whose palette is the rgb_map), never as soft JPEG maps (the reference's B9).
 
 from __future__ import annotations
 
+import dataclasses
+import io
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -52,11 +55,25 @@ def model_size(model) -> tuple[int, int]:
     return tuple(model.input_shape[1:3])
 
 
-def predict_probs(model, images: Sequence[np.ndarray], interpolation: str = "area") -> np.ndarray:
+def forward(model, batch: np.ndarray, tta: bool = False) -> np.ndarray:
+    """Probabilities (N, h, w, C) float32 of a float32 batch at the model's size. With `tta`, the
+    mean of the predictions of the batch as it is, flipped left-right and flipped up-down (each
+    flipped back before averaging)."""
+    probs = np.asarray(model.predict_on_batch(batch), dtype=np.float32)
+    if not tta:
+        return probs
+    total = probs.copy()
+    for axis in (2, 1):  # width, height
+        flipped = np.ascontiguousarray(np.flip(batch, axis))
+        total += np.flip(np.asarray(model.predict_on_batch(flipped), dtype=np.float32), axis)
+    return total / 3
+
+
+def predict_probs(model, images: Sequence[np.ndarray], interpolation: str = "area", tta: bool = False) -> np.ndarray:
     """Probabilities (N, h, w, C) at the model's size for RGB uint8 images of any size."""
     size = model_size(model)
     batch = np.stack([resize_image(img, size, interpolation) for img in images]).astype(np.float32)
-    return np.asarray(model.predict_on_batch(batch), dtype=np.float32)
+    return forward(model, batch, tta)
 
 
 def upsize(prob: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -88,40 +105,115 @@ def overlay(image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequence[in
     return np.clip(blend + 0.5, 0, 255).astype(np.uint8)
 
 
-def write_mask(path: Path, labels: np.ndarray, palette: Sequence[Sequence[int]], binary: bool) -> None:
-    """Binary: 8-bit 0/255 PNG. Multiclass: palette PNG (values = class ids, colours = rgb_map)."""
+def encode_mask(labels: np.ndarray, palette: Sequence[Sequence[int]], binary: bool) -> bytes:
+    """The PNG file of a mask. Binary: 8-bit 0/255. Multiclass: palette PNG (values = class ids,
+    colours = rgb_map)."""
     if binary:
-        data.write_file(path, (labels * 255).astype(np.uint8))
-    else:
-        data.write_palette(path, labels, palette)
+        return data.encode_file((labels * 255).astype(np.uint8))
+    return data.encode_palette(labels, palette)
 
 
-write_rgb = data.write_rgb  # panels, colour masks and overlays (kept here: its old home)
+encode_rgb = data.encode_rgb  # colour masks and overlays
 
 
-def predict_files(model, files: Iterable[Path], *, batch_size: int = 8, threshold: float = 0.5,
-                  interpolation: str = "area"):
-    """Yield (path, RGB image, labels at the original size) for each file, predicting in batches."""
+def encode_probs(probs: np.ndarray) -> bytes:
+    """Probabilities (H, W, C) float32 as a .npy file (np.load(io.BytesIO(data)) reads it)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(probs, dtype=np.float32), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def class_pixels(labels: np.ndarray, classes: int) -> list[int]:
+    """Pixels of each class id 0..classes-1 in a label mask (binary: classes=2)."""
+    return np.bincount(labels.ravel(), minlength=classes)[:classes].tolist()
+
+
+def write_mask(path: Path, labels: np.ndarray, palette: Sequence[Sequence[int]], binary: bool) -> None:
+    """Write encode_mask's PNG to `path`."""
+    data.write_bytes(path, encode_mask(labels, palette, binary))
+
+
+write_rgb = data.write_rgb  # panels, colour masks and overlays
+
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+@dataclass(frozen=True)
+class Settings:
+    """How images become masks: the inference params of `seg-mlops infer` / `tiled-infer` and of
+    the logged pipeline model (seg_mlops.serving), which both call `segment`.
+
+    mode: "resize" (each image resized to the model, probabilities resized back) or "tiled"
+    (overlapping tiles at full resolution, stitched by tiled.mode); threshold: binary foreground
+    threshold; tta: average the predictions of the image and its left-right and up-down flips;
+    batch_size: whole images per forward pass (tiled: tiled.batch_size tiles); interpolation:
+    how images (and tiles) are resized to the model's size.
+    """
+
+    mode: str = "resize"
+    threshold: float = 0.5
+    tiled: TiledInferConfig = field(default_factory=TiledInferConfig)
+    tta: bool = False
+    batch_size: int = 8
+    interpolation: str = "area"
+
+    @classmethod
+    def from_config(cls, cfg: Config, mode: str = "resize", tta: bool = False) -> "Settings":
+        return cls(mode=mode, threshold=cfg.infer.threshold, tiled=cfg.tiled_infer, tta=tta,
+                   batch_size=cfg.infer.batch_size, interpolation=cfg.data.image_interpolation)
+
+
+def segment(model, images: Sequence[np.ndarray], settings: Settings) -> list[np.ndarray]:
+    """uint8 labels (H, W) of each RGB uint8 image, at its own size."""
+    if settings.mode == "tiled":
+        return [tiled_predict(model, image, settings.tiled, threshold=settings.threshold,
+                              interpolation=settings.interpolation, tta=settings.tta) for image in images]
+    return [to_labels(prob, settings.threshold) for prob in probabilities(model, images, settings)]
+
+
+def probabilities(model, images: Sequence[np.ndarray], settings: Settings) -> list[np.ndarray]:
+    """Probabilities (H, W, C) float32 of each RGB uint8 image, at its own size (tiled with
+    "bitwise_blending": the context-stitched probabilities, before the intersection)."""
+    if settings.mode == "tiled":
+        t = settings.tiled
+        stitch = "context" if t.mode == "bitwise_blending" else t.mode
+        return [tiled_probs(model, image, tile_size=t.tile_size, overlap=t.overlap, mode=stitch,
+                            batch_size=t.batch_size, interpolation=settings.interpolation, tta=settings.tta)
+                for image in images]
+    if settings.mode != "resize":
+        raise SegMlopsError(f"mode={settings.mode!r}: expected resize or tiled")
+    out = []
+    for start in range(0, len(images), settings.batch_size):
+        chunk = images[start:start + settings.batch_size]
+        probs = predict_probs(model, chunk, settings.interpolation, settings.tta)
+        out.extend(upsize(prob, *image.shape[:2]) for image, prob in zip(chunk, probs))
+    return out
+
+
+def predict_files(model, files: Iterable[Path], settings: Settings):
+    """Yield (path, RGB image, labels at the original size) for each file, `settings.batch_size`
+    files decoded and predicted at a time."""
     files = list(files)
-    for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
+    for start in range(0, len(files), settings.batch_size):
+        chunk = files[start:start + settings.batch_size]
         images = [read_rgb(f) for f in chunk]
-        probs = predict_probs(model, images, interpolation)
-        for path, image, prob in zip(chunk, images, probs):
-            yield path, image, to_labels(upsize(prob, *image.shape[:2]), threshold)
+        yield from zip(chunk, images, segment(model, images, settings))
 
 
 def infer_folder(model, images_dir: str | Path, output_dir: str | Path, *,
                  palette: Sequence[Sequence[int]], threshold: float = 0.5, batch_size: int = 8,
                  colorize_masks: bool = False, overlays: bool = False, alpha: float = 0.4,
-                 interpolation: str = "area") -> list[Path]:
+                 interpolation: str = "area", settings: Settings | None = None) -> list[Path]:
     """Predict every image in `images_dir` and write `<output>/<stem>.png` masks at the original
-    size, plus `<output>/colorized/` and `<output>/overlay/` when asked. Returns the mask paths."""
+    size, plus `<output>/colorized/` and `<output>/overlay/` when asked. Returns the mask paths.
+    `settings` (tiled mode, tta...) replaces threshold, batch_size and interpolation when given."""
+    if settings is None:
+        settings = Settings(threshold=threshold, batch_size=batch_size, interpolation=interpolation)
     output_dir = _prepare_output(output_dir, colorize_masks, overlays)
     binary = model.output_shape[-1] == 1
     written = []
-    for path, image, labels in predict_files(model, list_images(images_dir), batch_size=batch_size,
-                                             threshold=threshold, interpolation=interpolation):
+    for path, image, labels in predict_files(model, list_images(images_dir), settings):
         written.append(write_outputs(output_dir, path.stem, image, labels, palette, binary,
                                      colorize_masks, overlays, alpha))
     return written
@@ -164,7 +256,7 @@ def tile_shape(model, tile_size: int = 0) -> tuple[int, int]:
 
 
 def tiled_probs(model, image: np.ndarray, *, tile_size: int = 0, overlap: int = 64, mode: str = "average",
-                batch_size: int = 8, interpolation: str = "area") -> np.ndarray:
+                batch_size: int = 8, interpolation: str = "area", tta: bool = False) -> np.ndarray:
     """Probabilities (H, W, C) float32 for an RGB uint8 image of any size, from overlapping tiles.
 
     Args:
@@ -176,6 +268,7 @@ def tiled_probs(model, image: np.ndarray, *, tile_size: int = 0, overlap: int = 
             "context" (each pixel taken from the one tile whose core holds it).
         batch_size: tiles per `model.predict_on_batch` call.
         interpolation: how tiles are resized to the model's size (probabilities come back bilinear).
+        tta: average each tile's prediction with those of its flips (see `forward`).
     """
     if mode not in ("average", "context"):
         raise ValueError(f"mode={mode!r}: expected average or context")
@@ -196,7 +289,7 @@ def tiled_probs(model, image: np.ndarray, *, tile_size: int = 0, overlap: int = 
         chunk = tiles[start:start + batch_size]
         for i, t in enumerate(chunk):
             batch[i] = resize_image(source[t.y:t.y + th, t.x:t.x + tw], (mh, mw), interpolation)
-        probs = np.asarray(model.predict_on_batch(batch[:len(chunk)]), dtype=np.float32)
+        probs = forward(model, batch[:len(chunk)], tta)
         for t, prob in zip(chunk, probs):
             prob = upsize(prob, th, tw)
             if mode == "average":
@@ -210,7 +303,7 @@ def tiled_probs(model, image: np.ndarray, *, tile_size: int = 0, overlap: int = 
 
 
 def tiled_predict(model, image: np.ndarray, tiled: TiledInferConfig, *, threshold: float = 0.5,
-                  interpolation: str = "area") -> np.ndarray:
+                  interpolation: str = "area", tta: bool = False) -> np.ndarray:
     """uint8 labels (H, W) of an RGB image of any size by tiled inference.
 
     Probabilities are blended in float and thresholded (binary) or argmax'ed (multiclass) once,
@@ -224,19 +317,21 @@ def tiled_predict(model, image: np.ndarray, tiled: TiledInferConfig, *, threshol
         tiled: tile_size, overlap, mode and batch_size (the config's tiled_infer section).
         threshold: binary foreground threshold on the probability.
         interpolation: image resizing (tiles and whole image) to the model's size.
+        tta: flip averaging of every forward pass (see `forward`).
     """
     stitch = "context" if tiled.mode == "bitwise_blending" else tiled.mode
     probs = tiled_probs(model, image, tile_size=tiled.tile_size, overlap=tiled.overlap, mode=stitch,
-                        batch_size=tiled.batch_size, interpolation=interpolation)
+                        batch_size=tiled.batch_size, interpolation=interpolation, tta=tta)
     labels = to_labels(probs, threshold)
     if tiled.mode == "bitwise_blending":
-        whole = to_labels(upsize(predict_probs(model, [image], interpolation)[0], *image.shape[:2]), threshold)
+        whole = to_labels(upsize(predict_probs(model, [image], interpolation, tta)[0], *image.shape[:2]), threshold)
         labels = np.where(labels == whole, labels, 0).astype(np.uint8)
     return labels
 
 
 def tiled_infer_folder(model, images_dir: str | Path, output_dir: str | Path, cfg: Config, *,
-                       colorize_masks: bool | None = None, overlays: bool | None = None) -> list[Path]:
+                       colorize_masks: bool | None = None, overlays: bool | None = None,
+                       tta: bool = False) -> list[Path]:
     """Tiled inference of every image in `images_dir`: `<output>/<stem>.png` masks at the original
     size (as infer_folder writes them), plus colorized/ and overlay/ copies when asked.
 
@@ -247,6 +342,7 @@ def tiled_infer_folder(model, images_dir: str | Path, output_dir: str | Path, cf
         cfg: tiled_infer (tiles), infer (threshold, colorize, overlay, alpha), data
             (image_interpolation) and the palette.
         colorize_masks, overlays: override infer.colorize / infer.overlay when not None.
+        tta: flip averaging (see `forward`).
     """
     colorize_masks = cfg.infer.colorize if colorize_masks is None else colorize_masks
     overlays = cfg.infer.overlay if overlays is None else overlays
@@ -254,10 +350,9 @@ def tiled_infer_folder(model, images_dir: str | Path, output_dir: str | Path, cf
     binary = model.output_shape[-1] == 1
     palette = cfg.palette()
     written = []
-    for path in list_images(images_dir):
-        image = read_rgb(path)
-        labels = tiled_predict(model, image, cfg.tiled_infer, threshold=cfg.infer.threshold,
-                               interpolation=cfg.data.image_interpolation)
+    # one image at a time: a large image is already many batches of tiles
+    settings = dataclasses.replace(Settings.from_config(cfg, "tiled", tta), batch_size=1)
+    for path, image, labels in predict_files(model, list_images(images_dir), settings):
         written.append(write_outputs(output_dir, path.stem, image, labels, palette, binary,
                                      colorize_masks, overlays, cfg.infer.overlay_alpha))
     return written

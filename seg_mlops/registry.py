@@ -1,7 +1,9 @@
 """Model registry: register an experiment's best trained run as `seg-<experiment>` and gate promotion.
 
-Aliases: `candidate` is the latest registered version; `champion` moves only when the candidate
-beats it on the monitored metric (or when forced). Serving and inference load
+The registered model is the run's segmentation pipeline (serving.py: encoded images of any size
+in, masks out); runs that logged only the raw Keras network register that. Aliases: `candidate`
+is the latest registered version; `champion` moves only when the candidate beats it on the
+monitored metric (or when forced). Serving and inference load
 `models:/seg-<experiment>@champion`, so they follow promotions without a code change.
 """
 
@@ -160,7 +162,8 @@ def register_best(cfg: Config, metric: str | None = None, force: bool = False,
             run = client.get_run(run_id)
         except MlflowException:
             raise SegMlopsError(f"run {run_id} not found in {tracking.tracking_uri()}") from None
-    model_uri = run.data.tags.get(tracking.MODEL_URI_TAG)
+    # the pipeline (images in, masks out) when the run logged one; runs from before it: the network
+    model_uri = run.data.tags.get(tracking.PIPELINE_URI_TAG) or run.data.tags.get(tracking.MODEL_URI_TAG)
     if model_uri is None:
         raise SegMlopsError(f"run {run.info.run_id} has no logged model (tag {tracking.MODEL_URI_TAG}); "
                             f"register a training run")
@@ -183,6 +186,8 @@ def register_best(cfg: Config, metric: str | None = None, force: bool = False,
             client.set_model_version_tag(name, version.version, tag, tag_value)
     else:
         version = mlflow.register_model(model_uri, name, tags=tags)
+    client.update_model_version(name, version.version,
+                                description=model_card(run, name, int(version.version), metric, key, value))
     client.set_registered_model_alias(name, CANDIDATE, version.version)
 
     if champion_value is None:
@@ -196,3 +201,54 @@ def register_best(cfg: Config, metric: str | None = None, force: bool = False,
     return RegisterResult(name=name, version=int(version.version), metric=metric, value=value,
                           run_id=run.info.run_id, promoted=promoted, previous_champion=champion_value,
                           reused=bool(same))
+
+
+def model_card(run: Run, name: str, version: int, metric: str, key: str, value: float) -> str:
+    """The version's description (Markdown): data, classes and colours, input contract, metrics
+    and a copy-paste call, read from the run's params, tags and metrics."""
+    params, tags = run.data.params, run.data.tags
+    pipeline = tracking.PIPELINE_URI_TAG in tags
+    classes = int(params.get("model.num_classes", "1"))
+    colours = ("0 background (0, 0, 0), 1 foreground (mask value 255)" if classes == 1 else
+               ", ".join(f"{i} {tuple(c)}" for i, c in enumerate(_literal(params.get("data.rgb_map", "[]")))))
+    size = f"{params.get('model.image_height', '?')}x{params.get('model.image_width', '?')}"
+    lines = [f"# {name} version {version}", "",
+             f"UNet segmentation (seg_mlops), run `{run.info.run_id}` of experiment "
+             f"`{tags.get('seg_mlops.experiment', '?')}`.", "",
+             "## Data", "",
+             f"- dataset fingerprint: `{tags.get('seg_mlops.dataset_fingerprint', 'unknown')}`",
+             f"- mask encoding: {tags.get(tracking.MASK_ENCODING_TAG, 'unknown')}",
+             f"- classes ({max(2, classes)}): {colours}", "",
+             "## Input contract", ""]
+    if pipeline:
+        lines += [f"- `image` column: PNG/JPEG/TIFF bytes of any size (base64 strings over REST), or HxWx3 "
+                  f"uint8 RGB arrays in Python; the network sees {size} px (resized, or tiled)",
+                  f"- params: mode resize|tiled, threshold (default {params.get('infer.threshold', '0.5')}), "
+                  f"tile_size ({params.get('tiled_infer.tile_size', '0')}), overlap "
+                  f"({params.get('tiled_infer.overlap', '64')}), blend "
+                  f"({params.get('tiled_infer.mode', 'average')}), tta, output mask|probabilities|colorized, "
+                  "on_error raise|report",
+                  "- output: `mask` (PNG at the image's size: binary 0/255, multiclass a palette PNG whose "
+                  "values are class ids), `height`, `width`, `pixels` per class, `error`"]
+    else:
+        lines += [f"- raw network: float32 (N, {size.replace('x', ', ')}, 3) pixels 0..255 in, "
+                  "probabilities out (no pipeline logged by this run)"]
+    lines += ["", "## Metrics", "", "| metric | value |", "|---|---|", f"| {key} (ranks versions) | {value:.4f} |"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in sorted(run.data.metrics.items()) if k.startswith("test_")]
+    uri = f"models:/{name}/{version}"
+    lines += ["", "## Call", "", f"    mlflow models serve -m {uri} --env-manager local -p 5001"]
+    if pipeline:
+        lines += ["    curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\",
+                  "         -d '{\"dataframe_records\": [{\"image\": \"'$(base64 -w0 image.png)'\"}], "
+                  "\"params\": {\"mode\": \"resize\"}}'",
+                  f"    seg-mlops batch-infer --model {uri} --images 'slides/**/*.jpg' --output masks/"]
+    return "\n".join(lines) + "\n"
+
+
+def _literal(text: str):
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return []

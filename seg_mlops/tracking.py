@@ -28,7 +28,8 @@ from seg_mlops.errors import SegMlopsError
 from seg_mlops.spool import Refused, RunSink, server_wait
 
 MODEL_NAME = "model"  # the logged model's name inside a run
-MODEL_URI_TAG = "seg_mlops.model_uri"
+MODEL_URI_TAG = "seg_mlops.model_uri"  # the raw Keras network (float32 tensors of the model's size)
+PIPELINE_URI_TAG = "seg_mlops.pipeline_uri"  # the whole pipeline (serving.py): what the registry registers
 MASK_ENCODING_TAG = "seg_mlops.mask_encoding"  # how binary masks were read (data.prepare decided)
 TRACKING_HOME = Path("tracking")
 # MLflow's HTTP client retries a failed call 7 times with backoff (minutes) inside the call; we
@@ -220,11 +221,15 @@ def serving_copy(model: keras.Model) -> keras.Model:
     return copy
 
 
-def log_model(model: keras.Model) -> str:
+def log_model(model: keras.Model, cfg: Config | None = None) -> str:
     """Log the Keras 3 model with an explicit signature (raw 0..255 pixels in, probabilities out)
-    and explicit pip requirements; returns its models:/ URI."""
+    and explicit pip requirements; returns its models:/ URI. With `cfg`, also log the segmentation
+    pipeline beside it (serving.log_pipeline: encoded images of any size in, masks out), tagged
+    PIPELINE_URI_TAG: the model the registry registers."""
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
+
+    from seg_mlops import serving
 
     _, height, width, channels = model.input_shape
     classes = model.output_shape[-1]
@@ -234,21 +239,28 @@ def log_model(model: keras.Model) -> str:
     tf_dist = "tensorflow-cpu" if _version("tensorflow-cpu") != "none" else "tensorflow"
     requirements = [f"{tf_dist}=={_version(tf_dist)}", f"keras=={_version('keras')}",
                     f"numpy=={_version('numpy')}"]
-    info = mlflow.keras.log_model(serving_copy(model), name=MODEL_NAME, signature=signature,
-                                  pip_requirements=requirements)
+    copy = serving_copy(model)
+    info = mlflow.keras.log_model(copy, name=MODEL_NAME, signature=signature, pip_requirements=requirements)
     mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
+    if cfg is not None:
+        mlflow.set_tag(PIPELINE_URI_TAG, serving.log_pipeline(copy, cfg))
     return info.model_uri
 
 
 def load_model(uri_or_path: str):
-    """A model from a local .keras file or any MLflow model URI (models:/, runs:/, ...)."""
+    """A Keras model from a local .keras file or any MLflow model URI (models:/, runs:/, ...): the
+    raw network, or the network inside a pipeline model (what the registry holds)."""
+    from seg_mlops import serving
     from seg_mlops.infer import load_model as load_file
 
     if "://" not in uri_or_path and ":/" not in uri_or_path:
         return load_file(uri_or_path)
     use_store()
     try:
-        return mlflow.keras.load_model(uri_or_path)
+        flavors = mlflow.models.get_model_info(uri_or_path).flavors
+        if "keras" in flavors:
+            return mlflow.keras.load_model(uri_or_path)
+        return load_file(serving.keras_file(mlflow.artifacts.download_artifacts(uri_or_path)))
     except Exception as exc:  # MlflowException, OSError...: the user needs the URI and the reason
         raise SegMlopsError(f"cannot load model {uri_or_path}: {str(exc).splitlines()[0]}") from None
 
@@ -378,7 +390,7 @@ def finish_run(cfg: Config, result, sink: RunSink, run_id: str) -> None:
                                                       "train_metrics.csv", "train_metrics.png",
                                                       "dataset_profile.json"])),
         ("evaluation", lambda: log_evaluation(results, out)),
-        ("model", lambda: log_model(result.model)),
+        ("model", lambda: log_model(result.model, result.cfg or cfg)),
     ]
     for what, upload in steps:
         done, _ = sink.call(what, upload, deadline)

@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.image_height=32", "model.image_width=32", "model.base_filters=4", "model.num_layers=3",
         "model.dropout_rate=0.0", "train.batch_size=4", "train.learning_rate=0.01", "train.epochs=2",
         "train.epoch_infer_count=2"]
+SERVING_EXPERIMENT = "serving"  # the serving_run fixture's experiment (registered as seg-serving)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -51,6 +52,36 @@ def binary_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def multiclass_root(tmp_path_factory) -> Path:
     return synthetic.make_dataset(tmp_path_factory.mktemp("multi"), classes=3, size=48, counts=(8, 4, 4))
+
+
+@pytest.fixture(scope="session")
+def serving_run(binary_root, tmp_path_factory, tracking_store):
+    """One tiny training run (32 px model), registered as champion, and a folder of images of other
+    sizes: the synthetic test images (48 px), one stretched to 70x53 and one as JPEG."""
+    import cv2
+    import mlflow
+
+    from seg_mlops import registry, tracking
+
+    tmp = tmp_path_factory.mktemp("serving")
+    mlflow.set_tracking_uri(tracking_store)
+    cfg = config.load(None, [f"data.root={binary_root}", f"train.output_dir={tmp / 'out'}", *TINY,
+                             "train.epochs=1", f"experiment={SERVING_EXPERIMENT}", "tiled_infer.overlap=4",
+                             "tiled_infer.tile_size=24"])
+    _, run_id = tracking.train(cfg)
+    result = registry.register_best(cfg)
+    assert result.promoted and result.run_id == run_id
+    images = tmp / "images"
+    images.mkdir()
+    sources = sorted((binary_root / "test" / "images").glob("*.png"))
+    for src in sources[:2]:
+        (images / src.name).write_bytes(src.read_bytes())
+    stretched = cv2.resize(cv2.imread(str(sources[2])), (70, 53), interpolation=cv2.INTER_LINEAR)
+    cv2.imwrite(str(images / "stretched.png"), stretched)
+    cv2.imwrite(str(images / "photo.jpg"), cv2.imread(str(sources[3])), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    yaml_path = tmp / "cfg.yaml"
+    yaml_path.write_text(config.to_yaml(cfg))
+    return {"cfg": cfg, "yaml": yaml_path, "run_id": run_id, "images": images, "tmp": tmp}
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from seg_mlops import config, registry, tracking
+from seg_mlops import config, tracking
 from tests.conftest import REPO, TINY
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
@@ -165,15 +165,16 @@ def test_a_crash_ends_the_run_and_keeps_the_checkpoint(tiny_cfg, exc, status):
     assert (cfg.output_dir / "best_model.keras").exists()
 
 
-def test_register_and_serve_champion(tiny_cfg):
+def test_raw_network_is_still_logged_and_served(tiny_cfg):
+    """Beside the registered pipeline (tests/test_serving.py), each run logs the raw Keras network:
+    float32 tensors of the model's size in, probabilities out, served as it is."""
     cfg = tiny_cfg("experiment=served", "train.epochs=1")
     trained, run_id = tracking.train(cfg)
-    result = registry.register_best(cfg)
-    assert result.promoted and result.run_id == run_id and result.name == "seg-served"
+    raw_uri = mlflow.get_run(run_id).data.tags[tracking.MODEL_URI_TAG]
 
     port = free_port()
     env = venv_env(MLFLOW_TRACKING_URI=tracking.tracking_uri())
-    args = [MLFLOW, "models", "serve", "-m", "models:/seg-served@champion", "--env-manager", "local",
+    args = [MLFLOW, "models", "serve", "-m", raw_uri, "--env-manager", "local",
             "-h", "127.0.0.1", "-p", str(port)]
     with serve(args, f"http://127.0.0.1:{port}/ping", env):
         batch = np.full((1, 32, 32, 3), 200, np.uint8).tolist()  # JSON ints, as raw pixels are
@@ -183,7 +184,7 @@ def test_register_and_serve_champion(tiny_cfg):
         with urllib.request.urlopen(request, timeout=60) as response:
             predictions = np.asarray(json.loads(response.read())["predictions"])
     assert predictions.shape == (1, 32, 32, 1)
-    # the served champion is the trained model: same probabilities as it gives here
+    # the served network is the trained model: same probabilities as it gives here
     expected = trained.model.predict(np.full((1, 32, 32, 3), 200, np.float32), verbose=0)
     np.testing.assert_allclose(predictions, expected, rtol=1e-4, atol=1e-6)
 
