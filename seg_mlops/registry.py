@@ -15,7 +15,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
-from seg_mlops import losses, tracking
+from seg_mlops import losses, run_page, tracking
 from seg_mlops.config import Config
 from seg_mlops.errors import SegMlopsError
 
@@ -122,6 +122,13 @@ def _version_tags(run: Run, metric: str, key: str, value: float) -> dict[str, st
     return out
 
 
+def _signature(model_uri: str) -> str | None:
+    """The logged model's signature in one line ("inputs -> outputs"), None when it has none."""
+    info = mlflow.models.get_model_info(model_uri)
+    sig = info.signature
+    return None if sig is None else f"{sig.inputs} -> {sig.outputs}"
+
+
 def _champion_value(client: MlflowClient, name: str, metric: str):
     """(champion ModelVersion, its value of `metric`): (None, None) when there is no champion, and
     (champion, None) when it has no such value (registered by hand, or its run lacks the metric)."""
@@ -184,6 +191,8 @@ def register_best(cfg: Config, metric: str | None = None, force: bool = False,
     else:
         version = mlflow.register_model(model_uri, name, tags=tags)
     client.set_registered_model_alias(name, CANDIDATE, version.version)
+    client.update_model_version(name, version.version, description=run_page.model_card(
+        client.get_run(run.info.run_id), name, version.version, _signature(model_uri)))
 
     if champion_value is None:
         better = True  # no champion yet (a champion without the value is only replaced with force)

@@ -14,11 +14,12 @@ import sys
 import tempfile
 
 import mlflow
+import numpy as np
 import optuna
 import pytest
 import yaml
 
-from seg_mlops import data, tracking
+from seg_mlops import registry, tracking
 from tests.conftest import REPO
 from tests.test_concurrency import server
 from tests.test_mlflow import free_port, venv_env
@@ -92,18 +93,53 @@ def loaded_images(driver, fragment: str) -> list[dict]:
         fragment)
 
 
-def test_mlflow_ui_shows_the_run_its_curves_and_epoch_images(browser, tiny_cfg, tracking_store):
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
+def in_view(driver, fragment: str) -> dict:
+    """Where the first <img> whose src contains fragment lies: its box, the box of the nearest
+    scrolling ancestor (the card's content area) and that ancestor's scroll offset."""
+    return driver.execute_script("""
+        const img = Array.from(document.images).find(i => i.src.includes(arguments[0]));
+        if (!img) return null;
+        let box = img.parentElement;
+        while (box && box !== document.body && !/(auto|scroll)/.test(getComputedStyle(box).overflowY)) {
+            box = box.parentElement;
+        }
+        const r = img.getBoundingClientRect(), b = box.getBoundingClientRect();
+        return {img: [r.top, r.bottom, r.left, r.right], box: [b.top, b.bottom, b.left, b.right],
+                scrolled: box.scrollTop, src: img.src, width: img.naturalWidth,
+                viewport: [window.innerHeight, window.innerWidth]};""", fragment)
+
+
+def inside(where: dict) -> bool:
+    (top, bottom, left, right), (btop, bbottom, bleft, bright) = where["img"], where["box"]
+    return (where["scrolled"] == 0 and btop <= top < bottom <= bbottom and bleft <= left < right <= bright
+            and bottom <= where["viewport"][0])
+
+
+def wait_for(driver, condition, what: str, shot: str = "failed-page.png"):
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
+    try:
+        return WebDriverWait(driver, WAIT, poll_frequency=0.5).until(condition)
+    except TimeoutException:
+        driver.save_screenshot(str(ARTIFACTS / shot))
+        raise AssertionError(f"never: {what} (screenshot {ARTIFACTS / shot})") from None
+
+
+def test_mlflow_ui_shows_the_run_its_curves_and_epoch_images(browser, tiny_cfg, tracking_store, monkeypatch):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # a tiny run lasts seconds
     cfg = tiny_cfg("experiment=in-the-browser", "train.epochs=2", "train.epoch_infer_count=2",
                    "train.patience=0")
     result, run_id = tracking.train(cfg, run_name="browser-run")
+    version = registry.register_best(cfg, run_id=run_id).version
     experiment_id = mlflow.get_experiment_by_name("in-the-browser").experiment_id
-    stems = [p.stem for p in data.list_images(cfg.split_dirs("valid")[0])[:2]]
-    metrics = len(mlflow.get_run(run_id).data.metrics)  # one chart each, in the "Model metrics" section
-    base_url = None
+    logged = mlflow.get_run(run_id).data.metrics
+    system = sorted(k for k in logged if k.startswith("system/"))  # MLflow's monitor, on by default
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(system)
+    metrics = len(logged) - len(system)  # one chart each, in the "Model metrics" section
     port = free_port()
     args = [sys.executable, "-m", "seg_mlops.cli", "ui", "--port", str(port)]
     with server(args, f"http://127.0.0.1:{port}/health", venv_env(MLFLOW_TRACKING_URI=tracking_store),
@@ -113,22 +149,35 @@ def test_mlflow_ui_shows_the_run_its_curves_and_epoch_images(browser, tiny_cfg, 
         page_text(browser, f"{base_url}/runs", "in-the-browser", "browser-run")
         browser.save_screenshot(str(ARTIFACTS / "mlflow-experiment.png"))
 
-        # The run page: its name, params and the metrics it logged.
+        # The run page: its name, params, metrics, the three splits it was trained and tested on
+        # and its one-line description.
         text = page_text(browser, f"{base_url}/runs/{run_id}", "browser-run", "val_dice_coef",
-                         "model.base_filters")
-        assert run_id[:8] in text or "browser-run" in text
+                         "model.base_filters", "in-the-browser-train", "in-the-browser-valid",
+                         "in-the-browser-test", "UNet (binary, 4 base filters) trained on 'in-the-browser'")
+        assert "8 train / 4 valid / 4 test images, 32x32 px" in text
         browser.save_screenshot(str(ARTIFACTS / "mlflow-run.png"))
 
-        # Model metrics: an image grid per epoch-inference panel (with the step slider) and a chart
-        # per curve. The panel images must really load (naturalWidth > 0).
-        page_text(browser, f"{base_url}/runs/{run_id}/model-metrics", "epoch_infer (2)",
-                  f"Model metrics ({metrics})", *(f"epoch_infer/{s}" for s in stems))
-        WebDriverWait(browser, WAIT, poll_frequency=0.5).until(
-            lambda d: {s for s in stems if any(i["width"] > 0 and i["complete"]
-                                                for i in loaded_images(d, f"epoch_infer~{s}"))} == set(stems))
-        images = loaded_images(browser, "epoch_infer~")
-        assert all("get-artifact" in i["src"] for i in images)
+        # Model metrics: one image card of the epoch panels (with the step slider) and a chart per
+        # curve. The panel image must really load (naturalWidth > 0).
+        key = f"epoch_infer~{tracking.PANELS_KEY}"
+        page_text(browser, f"{base_url}/runs/{run_id}/model-metrics", "epoch_infer (1)",
+                  f"Model metrics ({metrics})", f"epoch_infer/{tracking.PANELS_KEY}")
+        wait_for(browser, lambda d: any(i["width"] > 0 and i["complete"] for i in loaded_images(d, key)),
+                 "the epoch panel image loads")
+        first = in_view(browser, key)
+        assert "get-artifact" in first["src"]
         browser.save_screenshot(str(ARTIFACTS / "mlflow-model-metrics.png"))
+        print("panel in view:", first)
+        # The step slider's box: step 0 -> step 1 shows the next epoch's picture.
+        box = browser.find_element(By.XPATH, "//input[@type='number' or @role='spinbutton']")
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys("1")
+        box.send_keys(Keys.ENTER)
+        wait_for(browser, lambda d: (in_view(d, key) or {}).get("src") not in (None, first["src"])
+                 and in_view(d, key)["width"] > 0, "the step slider changes the image")
+        assert "step%2B1" in in_view(browser, key)["src"] or "step+1" in in_view(browser, key)["src"]
+        browser.save_screenshot(str(ARTIFACTS / "mlflow-model-metrics-step1.png"))
+
         # Charts render only when scrolled into view: the page's own search box brings each
         # validation curve up, as a user would find it; a rendered chart's legend is "run (metric)".
         search = browser.find_element(By.CSS_SELECTOR, "input[placeholder*='Search metric charts']")
@@ -136,10 +185,23 @@ def test_mlflow_ui_shows_the_run_its_curves_and_epoch_images(browser, tiny_cfg, 
             search.send_keys(Keys.CONTROL, "a")
             search.send_keys(Keys.DELETE)
             search.send_keys(name)
-            WebDriverWait(browser, WAIT, poll_frequency=0.5).until(
-                lambda d, name=name: f"browser-run ({name})" in " ".join(
-                    d.execute_script("return document.body.innerText").split()))
+            wait_for(browser, lambda d, name=name: f"browser-run ({name})" in " ".join(
+                d.execute_script("return document.body.innerText").split()), f"the {name} chart")
         browser.save_screenshot(str(ARTIFACTS / "mlflow-val-curves.png"))
+
+        # The per-image review: the test images worst first, each row with its thumbnail.
+        worst = mlflow.load_table("per_image_review.json", run_ids=[run_id])["image"][0]
+        page_text(browser, f"{base_url}/runs/{run_id}/artifacts/per_image_review.json", worst, "dice")
+        wait_for(browser, lambda d: len([i for i in loaded_images(d, "table_images") if i["width"] > 0]) == 4,
+                 "the review table's 4 thumbnails load")
+        browser.save_screenshot(str(ARTIFACTS / "mlflow-per-image-review.png"))
+
+        # The registered version: its description is the model card.
+        fingerprint = mlflow.get_run(run_id).data.tags["seg_mlops.dataset_fingerprint"]
+        page_text(browser, f"http://127.0.0.1:{port}/#/models/seg-in-the-browser/versions/{version}",
+                  f"Version {version}", fingerprint, "foreground = RGB(0, 255, 0)",
+                  f'mlflow.pyfunc.load_model("models:/seg-in-the-browser/{version}")')
+        browser.save_screenshot(str(ARTIFACTS / "mlflow-model-version.png"))
     assert (ARTIFACTS / "mlflow-model-metrics.png").stat().st_size > 10_000  # a real rendering, not blank
 
 
@@ -153,8 +215,22 @@ def test_dashboard_shows_the_study_trials(browser, tmp_path):
     for lr, value in ((0.01, 0.625), (0.02, 0.8125), (0.005, 0.4375)):
         study.add_trial(optuna.trial.create_trial(params={"train.learning_rate": lr}, distributions=space,
                                                   value=value, intermediate_values={0: value / 2, 1: value}))
+    # Trial 1's picture, uploaded as tuning.upload_pictures does, to the store the dashboard reads.
+    from PIL import Image
+
+    from seg_mlops.callbacks import composite
+
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    panels = [np.concatenate([np.full((40, 40, 3), c, np.uint8) for c in (60, 120, 200)], axis=1)] * 2
+    Image.fromarray(composite(panels)).save(tmp_path / "best_epoch_panels.png")
+    trial = study.get_trials(deepcopy=False)[1]
+    optuna.artifacts.upload_artifact(artifact_store=optuna.artifacts.FileSystemArtifactStore(str(pictures)),
+                                     file_path=str(tmp_path / "best_epoch_panels.png"), study_or_trial=trial,
+                                     storage=storage, mimetype="image/png")
     path = tmp_path / "dash.yaml"
-    path.write_text(yaml.safe_dump({"experiment": "browser-study", "tune": {"storage": str(journal)}}))
+    path.write_text(yaml.safe_dump({"experiment": "browser-study",
+                                    "tune": {"storage": str(journal), "artifact_dir": str(pictures)}}))
     port = free_port()
     args = [sys.executable, "-m", "seg_mlops.cli", "dashboard", "--config", str(path), "--port", str(port)]
     with server(args, f"http://127.0.0.1:{port}/api/studies", venv_env(), ARTIFACTS / "dashboard.log"):
@@ -166,4 +242,9 @@ def test_dashboard_shows_the_study_trials(browser, tmp_path):
         text = page_text(browser, f"{url}/trials", "3 Trials", "Trial 0", "Trial 1", "Trial 2", "0.625")
         assert text.count("Complete") >= 3
         browser.save_screenshot(str(ARTIFACTS / "dashboard-trials.png"))
+        # Trial 1's page shows its picture, served from the artifact store.
+        page_text(browser, f"{url}/trials?numbers=1", "Trial 1", "best_epoch_panels.png")
+        wait_for(browser, lambda d: [i for i in loaded_images(d, f"/artifacts/{study._study_id}/{trial._trial_id}/")
+                                     if i["width"] == 3 * 40 + 4], "trial 1's panel image loads")
+        browser.save_screenshot(str(ARTIFACTS / "dashboard-trial-picture.png"))
     assert (ARTIFACTS / "dashboard-study.png").stat().st_size > 10_000
