@@ -9,6 +9,7 @@ are kept under outputs/test-artifacts/ (gitignored) for a person to look at.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -56,7 +57,7 @@ def browser():
     # keeps retrying refused connections and pages stall.
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--no-first-run", "--window-size=1600,1100", f"--user-data-dir={profile}"):
+                "--no-first-run", "--window-size=1600,1000", f"--user-data-dir={profile}"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(chromedriver), options=options)
     driver.set_page_load_timeout(WAIT)
@@ -65,12 +66,14 @@ def browser():
     driver.quit()
 
 
-def page_text(driver, url: str, *expected: str) -> str:
-    """Open url and wait until the rendered page shows every expected string; returns its text."""
+def page_text(driver, url: str | None, *expected: str) -> str:
+    """Open url (None: stay) and wait until the rendered page shows every expected string; returns its text."""
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver.get(url)
+    if url is not None:  # None: the page as it is now
+        driver.get(url)
+
     def body(d) -> str:  # whitespace collapsed: innerText puts a heading and its count on two lines
         return " ".join(d.execute_script("return document.body ? document.body.innerText : ''").split())
 
@@ -144,38 +147,62 @@ def test_mlflow_ui_shows_the_run_its_curves_and_epoch_images(browser, tiny_cfg, 
     args = [sys.executable, "-m", "seg_mlops.cli", "ui", "--port", str(port)]
     with server(args, f"http://127.0.0.1:{port}/health", venv_env(MLFLOW_TRACKING_URI=tracking_store),
                 ARTIFACTS / "mlflow-ui.log"):
-        base_url = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}"
-        # The experiment's runs list: the experiment and the run, by name.
-        page_text(browser, f"{base_url}/runs", "in-the-browser", "browser-run")
+        # The link `seg-mlops ui` prints opens the experiment in MLflow's model-training layout:
+        # its runs table (with each run's three datasets) and Models, not GenAI's traces and judges.
+        printed = (ARTIFACTS / "mlflow-ui.log").read_text()
+        link = re.search(r"^  in-the-browser: (http\S+)$", printed, re.M).group(1)
+        assert link == f"http://127.0.0.1:{port}/#/experiments/{experiment_id}?workflowType=machine_learning"
+        text = page_text(browser, link, "browser-run", "Runs", "Models", "Model registry",
+                         *(f"in-the-browser-{s}" for s in ("train", "valid", "test")))
+        assert "Judges" not in text and "Sessions" not in text
         browser.save_screenshot(str(ARTIFACTS / "mlflow-experiment.png"))
+        ml = "?workflowType=machine_learning"  # the layout for the pages opened below too
+        base_url = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}"
 
-        # The run page: its name, params, metrics, the three splits it was trained and tested on
-        # and its one-line description.
-        text = page_text(browser, f"{base_url}/runs/{run_id}", "browser-run", "val_dice_coef",
-                         "model.base_filters", "in-the-browser-train", "in-the-browser-valid",
-                         "in-the-browser-test", "UNet (binary, 4 base filters) trained on 'in-the-browser'")
+        # The run page: its name, params, metrics, its one-line description, and the three splits
+        # it was trained and tested on (the first shown, the others one click away).
+        text = page_text(browser, f"{base_url}/runs/{run_id}{ml}", "browser-run", "val_dice_coef",
+                         "model.base_filters", "in-the-browser-train (", "Training",
+                         "UNet (binary, 4 base filters) trained on 'in-the-browser'")
         assert "8 train / 4 valid / 4 test images, 32x32 px" in text
+        browser.find_element(By.XPATH, "//*[text()='+2']").click()
+        page_text(browser, None, "in-the-browser-valid (", "Validation", "in-the-browser-test (", "Testing")
         browser.save_screenshot(str(ARTIFACTS / "mlflow-run.png"))
 
         # Model metrics: one image card of the epoch panels (with the step slider) and a chart per
         # curve. The panel image must really load (naturalWidth > 0).
         key = f"epoch_infer~{tracking.PANELS_KEY}"
-        page_text(browser, f"{base_url}/runs/{run_id}/model-metrics", "epoch_infer (1)",
+        page_text(browser, f"{base_url}/runs/{run_id}/model-metrics{ml}", "epoch_infer (1)",
                   f"Model metrics ({metrics})", f"epoch_infer/{tracking.PANELS_KEY}")
         wait_for(browser, lambda d: any(i["width"] > 0 and i["complete"] for i in loaded_images(d, key)),
                  "the epoch panel image loads")
-        first = in_view(browser, key)
-        assert "get-artifact" in first["src"]
+        assert "get-artifact" in in_view(browser, key)["src"]
+        browser.save_screenshot(str(ARTIFACTS / "mlflow-model-metrics-default.png"))
+        # MLflow 3.17 tops every image card with all the run's params (mlflow#23512; ~100 here),
+        # which hides the picture below the card's fold. The card's own switch (Configure > Show
+        # run parameters, mlflow#23705) turns that off; then the picture, sized for the card
+        # (callbacks.composite), is seen whole without scrolling.
+        browser.find_elements(By.CSS_SELECTOR, "[data-testid=experiment-view-compare-runs-card-menu]")[0].click()
+        wait_for(browser, lambda d: [i for i in d.find_elements(By.CSS_SELECTOR, "[role=menuitem]")
+                                     if i.text == "Configure"], "the card menu")[0].click()
+        dialog = wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, "[role=dialog]"), "the card dialog")
+        switch = dialog.find_element(By.CSS_SELECTOR, "[role=switch]")
+        assert "Show run parameters" in dialog.text and switch.get_attribute("aria-checked") == "true"
+        switch.click()
+        [b for b in dialog.find_elements(By.TAG_NAME, "button") if b.text == "Save changes"][0].click()
+        where = wait_for(browser, lambda d: (w := in_view(d, key)) and w["width"] > 0 and inside(w) and w,
+                         "the epoch panel lies inside its card's visible area")
+        first = where["src"]
         browser.save_screenshot(str(ARTIFACTS / "mlflow-model-metrics.png"))
-        print("panel in view:", first)
-        # The step slider's box: step 0 -> step 1 shows the next epoch's picture.
-        box = browser.find_element(By.XPATH, "//input[@type='number' or @role='spinbutton']")
+        # The step slider's box: step 0 -> step 1 shows the next epoch's picture, in place.
+        box = browser.find_element(By.CSS_SELECTOR, "input[type=number]")
         box.send_keys(Keys.CONTROL, "a")
         box.send_keys("1")
-        box.send_keys(Keys.ENTER)
-        wait_for(browser, lambda d: (in_view(d, key) or {}).get("src") not in (None, first["src"])
-                 and in_view(d, key)["width"] > 0, "the step slider changes the image")
-        assert "step%2B1" in in_view(browser, key)["src"] or "step+1" in in_view(browser, key)["src"]
+        box.send_keys(Keys.TAB)
+        where = wait_for(browser, lambda d: (w := in_view(d, key)) and w["src"] != first and w["width"] > 0
+                         and inside(w) and w, "the step slider changes the image")
+        assert re.search(r"step(%2B|\+)1(%2B|\+)", where["src"]) and re.search(r"step(%2B|\+)0(%2B|\+)", first), \
+            (first, where["src"])
         browser.save_screenshot(str(ARTIFACTS / "mlflow-model-metrics-step1.png"))
 
         # Charts render only when scrolled into view: the page's own search box brings each
@@ -189,17 +216,26 @@ def test_mlflow_ui_shows_the_run_its_curves_and_epoch_images(browser, tiny_cfg, 
                 d.execute_script("return document.body.innerText").split()), f"the {name} chart")
         browser.save_screenshot(str(ARTIFACTS / "mlflow-val-curves.png"))
 
+        # System metrics: MLflow's CPU and memory charts of the run.
+        browser.find_element(By.XPATH, "//*[normalize-space(text())='System metrics']").click()
+        page_text(browser, None, f"System metrics ({len(system)})", "cpu_utilization_percentage")
+        browser.save_screenshot(str(ARTIFACTS / "mlflow-system-metrics.png"))
+
         # The per-image review: the test images worst first, each row with its thumbnail.
-        worst = mlflow.load_table("per_image_review.json", run_ids=[run_id])["image"][0]
-        page_text(browser, f"{base_url}/runs/{run_id}/artifacts/per_image_review.json", worst, "dice")
-        wait_for(browser, lambda d: len([i for i in loaded_images(d, "table_images") if i["width"] > 0]) == 4,
-                 "the review table's 4 thumbnails load")
+        review = mlflow.MlflowClient().load_table(experiment_id, "per_image_review.json", run_ids=[run_id])
+        text = page_text(browser, f"{base_url}/runs/{run_id}/artifacts/per_image_review.json{ml}",
+                         "View as table", "input | truth | prediction", review["image"][0], f"{review['dice'][0]:.4f}")
+        shown = [name for name in review["image"] if name in text]  # the rows of the table's first page
+        assert len(shown) >= 3 and shown == list(review["image"][:len(shown)])
+        thumbs = wait_for(browser, lambda d: len(t := [i for i in loaded_images(d, "table_images") if i["width"] > 0])
+                          == len(shown) and t, "a thumbnail per row")
+        assert all(abs(i["width"] / i["height"] - (3 * 32 + 4) / 32) < 0.05 for i in thumbs)
         browser.save_screenshot(str(ARTIFACTS / "mlflow-per-image-review.png"))
 
         # The registered version: its description is the model card.
         fingerprint = mlflow.get_run(run_id).data.tags["seg_mlops.dataset_fingerprint"]
-        page_text(browser, f"http://127.0.0.1:{port}/#/models/seg-in-the-browser/versions/{version}",
-                  f"Version {version}", fingerprint, "foreground = RGB(0, 255, 0)",
+        page_text(browser, f"http://127.0.0.1:{port}/#/models/seg-in-the-browser/versions/{version}{ml}",
+                  f"Version {version}", f"fingerprint {fingerprint}", "foreground = RGB(0, 255, 0)",
                   f'mlflow.pyfunc.load_model("models:/seg-in-the-browser/{version}")')
         browser.save_screenshot(str(ARTIFACTS / "mlflow-model-version.png"))
     assert (ARTIFACTS / "mlflow-model-metrics.png").stat().st_size > 10_000  # a real rendering, not blank

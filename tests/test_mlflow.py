@@ -126,11 +126,12 @@ def check_run_page(run, epochs: int) -> None:
     assert "8 train / 4 valid / 4 test images, 32x32 px" in note and f"for {epochs} epochs" in note
     # Per-image review: every test image, worst dice first (empty truth last), as per_image.csv
     # scores them, each with its input | truth | prediction thumbnail.
-    table = mlflow.load_table("per_image_review.json", run_ids=[run_id])
+    table = client.load_table(experiment.experiment_id, "per_image_review.json", run_ids=[run_id])
     csv_rows = {r["image"]: r for r in _csv(client.download_artifacts(run_id, "per_image.csv"))}
     assert sorted(table["image"]) == sorted(csv_rows)
     dice = [d for d in table["dice"] if d == d]
-    assert dice == sorted(dice) and dice == [round(float(csv_rows[n]["dice"]), 4) for n in table["image"][:len(dice)]]
+    assert dice == sorted(dice)
+    assert dice == pytest.approx([float(csv_rows[n]["dice"]) for n in table["image"][:len(dice)]], abs=1e-9)
     thumbs = table["input | truth | prediction"]
     assert all(t["type"] == "image" for t in thumbs)
     assert Image.open(client.download_artifacts(run_id, thumbs[0]["filepath"])).size == (3 * 32 + 4, 32)
