@@ -211,7 +211,8 @@ def model_card(run, name: str, version: int | str, signature: str | None = None)
     if signature:
         lines.append(f"- Signature: {signature}")
     shown = sorted(k for k in metrics if k.startswith(("test_", "best_")))
-    lines.append("- Metrics: " + ", ".join(f"{k} = {metrics[k]:.4f}" for k in shown))
+    lines.append("- Metrics: " + ", ".join(f"{k} = {metrics[k]:.0f}" if k.endswith("_images") else
+                                           f"{k} = {metrics[k]:.4f}" for k in shown))
     lines += ["", "Load it:", "", "```python", "import mlflow",
               f'model = mlflow.pyfunc.load_model("models:/{name}/{version}")',
               "masks = model.predict(images.astype(\"float32\"))  # (N, H, W, 3) raw pixels", "```"]

@@ -248,10 +248,8 @@ def test_dashboard_shows_the_study_trials(browser, tmp_path):
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
     study = optuna.create_study(study_name="browser-study", storage=storage, direction="maximize")
     space = {"train.learning_rate": optuna.distributions.FloatDistribution(0.001, 0.1, log=True)}
-    for lr, value in ((0.01, 0.625), (0.02, 0.8125), (0.005, 0.4375)):
-        study.add_trial(optuna.trial.create_trial(params={"train.learning_rate": lr}, distributions=space,
-                                                  value=value, intermediate_values={0: value / 2, 1: value}))
-    # Trial 1's picture, uploaded as tuning.upload_pictures does, to the store the dashboard reads.
+    # Trial 1 runs as tuning's objective does: it uploads its picture (tuning.upload_pictures) to
+    # the artifact store the dashboard reads, while running.
     from PIL import Image
 
     from seg_mlops.callbacks import composite
@@ -260,10 +258,20 @@ def test_dashboard_shows_the_study_trials(browser, tmp_path):
     pictures.mkdir()
     panels = [np.concatenate([np.full((40, 40, 3), c, np.uint8) for c in (60, 120, 200)], axis=1)] * 2
     Image.fromarray(composite(panels)).save(tmp_path / "best_epoch_panels.png")
-    trial = study.get_trials(deepcopy=False)[1]
-    optuna.artifacts.upload_artifact(artifact_store=optuna.artifacts.FileSystemArtifactStore(str(pictures)),
-                                     file_path=str(tmp_path / "best_epoch_panels.png"), study_or_trial=trial,
-                                     storage=storage, mimetype="image/png")
+    for lr, value in ((0.01, 0.625), (0.02, 0.8125), (0.005, 0.4375)):
+        if lr != 0.02:
+            study.add_trial(optuna.trial.create_trial(params={"train.learning_rate": lr}, distributions=space,
+                                                      value=value, intermediate_values={0: value / 2, 1: value}))
+            continue
+        study.enqueue_trial({"train.learning_rate": lr})
+        trial = study.ask(space)
+        assert trial.number == 1
+        for step, reported in ((0, value / 2), (1, value)):
+            trial.report(reported, step)
+        optuna.artifacts.upload_artifact(artifact_store=optuna.artifacts.FileSystemArtifactStore(str(pictures)),
+                                         file_path=str(tmp_path / "best_epoch_panels.png"), study_or_trial=trial,
+                                         mimetype="image/png")
+        study.tell(trial, value)
     path = tmp_path / "dash.yaml"
     path.write_text(yaml.safe_dump({"experiment": "browser-study",
                                     "tune": {"storage": str(journal), "artifact_dir": str(pictures)}}))
@@ -281,6 +289,6 @@ def test_dashboard_shows_the_study_trials(browser, tmp_path):
         # Trial 1's page shows its picture, served from the artifact store.
         page_text(browser, f"{url}/trials?numbers=1", "Trial 1", "best_epoch_panels.png")
         wait_for(browser, lambda d: [i for i in loaded_images(d, f"/artifacts/{study._study_id}/{trial._trial_id}/")
-                                     if i["width"] == 3 * 40 + 4], "trial 1's panel image loads")
+                                     if (i["width"], i["height"]) == (3 * 40, 2 * 40 + 4)], "trial 1's panel image loads")
         browser.save_screenshot(str(ARTIFACTS / "dashboard-trial-picture.png"))
     assert (ARTIFACTS / "dashboard-study.png").stat().st_size > 10_000

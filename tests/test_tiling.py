@@ -281,8 +281,8 @@ def test_tiled_epoch_panels_logged_and_tiled_infer_entry_point(binary_root, tmp_
     expected = sorted((key, "input-truth-prediction", e) for key in ("epoch_infer", "epoch_tiled_infer")
                       for e in range(2))
     assert logged == expected
-    tiled = [p for p in pngs if p.split("/")[-1].startswith("epoch_tiled_infer~")]
-    assert Image.open(client.download_artifacts(run_id, tiled[0])).size == (3 * 48 + 4, 2 * 48 + 4)
+    tiled_pngs = [p for p in pngs if p.split("/")[-1].startswith("epoch_tiled_infer~")]
+    assert Image.open(client.download_artifacts(run_id, tiled_pngs[0])).size == (3 * 48 + 4, 2 * 48 + 4)
 
     # `mlflow run -e tiled_infer` with the trained model: masks at the original 48 px size.
     proc = subprocess.run([MLFLOW, "run", str(REPO), "-e", "tiled_infer", "-P", f"config={cfg_path}",
