@@ -219,6 +219,8 @@ def test_mlflow_ui_shows_the_run_its_curves_and_epoch_images(browser, tiny_cfg, 
         # System metrics: MLflow's CPU and memory charts of the run.
         browser.find_element(By.XPATH, "//*[normalize-space(text())='System metrics']").click()
         page_text(browser, None, f"System metrics ({len(system)})", "cpu_utilization_percentage")
+        wait_for(browser, lambda d: re.search(r"browser-run \((system/)?cpu_utilization_percentage\)", " ".join(
+            d.execute_script("return document.body.innerText").split())), "the CPU chart is drawn")
         browser.save_screenshot(str(ARTIFACTS / "mlflow-system-metrics.png"))
 
         # The per-image review: the test images worst first, each row with its thumbnail.
