@@ -222,7 +222,8 @@ class TuneConfig:
     storage: str = _key("")
     heartbeat_seconds: int = _key(30, lo=1)  # RDB storages: a trial silent 2x this long is retried
     # Where trials upload their pictures (optuna.artifacts; seg-mlops dashboard shows them):
-    # "" = tracking/optuna-artifacts. Several machines need one shared folder.
+    # "" = optuna-artifacts beside the journal file (tracking/ for a database). Several machines
+    # need one shared folder.
     artifact_dir: str = _key("", path=True)
 
 

@@ -209,8 +209,12 @@ def objective(trial: optuna.Trial, cfg: Config, parent_run_id: str) -> float:
 
 
 def artifact_dir(cfg: Config) -> Path:
-    """tune.artifact_dir, or tracking/optuna-artifacts beside the journal."""
-    return Path(cfg.tune.artifact_dir) if cfg.tune.artifact_dir else tracking.TRACKING_HOME.resolve() / "optuna-artifacts"
+    """tune.artifact_dir, else `optuna-artifacts` beside the journal file (tracking/ for the
+    default journal and for database storages)."""
+    if cfg.tune.artifact_dir:
+        return Path(cfg.tune.artifact_dir)
+    url = storage_url(cfg)
+    return (Path(url).parent if "://" not in url else tracking.TRACKING_HOME.resolve()) / "optuna-artifacts"
 
 
 def upload_pictures(trial: optuna.Trial, cfg: Config, result) -> list[str]:
