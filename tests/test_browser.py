@@ -237,8 +237,8 @@ def test_mlflow_ui_shows_the_run_its_curves_and_epoch_images(browser, tiny_cfg, 
         # The registered version: its description is the model card.
         fingerprint = mlflow.get_run(run_id).data.tags["seg_mlops.dataset_fingerprint"]
         page_text(browser, f"http://127.0.0.1:{port}/#/models/seg-in-the-browser/versions/{version}{ml}",
-                  f"Version {version}", f"fingerprint {fingerprint}", "foreground = RGB(0, 255, 0)",
-                  f'mlflow.pyfunc.load_model("models:/seg-in-the-browser/{version}")')
+                  f"Version {version}", "Description", fingerprint, "test_dice_coef",
+                  f"models:/seg-in-the-browser/{version}")
         browser.save_screenshot(str(ARTIFACTS / "mlflow-model-version.png"))
     assert (ARTIFACTS / "mlflow-model-metrics.png").stat().st_size > 10_000  # a real rendering, not blank
 
