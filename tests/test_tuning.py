@@ -262,6 +262,7 @@ def _worker(path, storage: str, n_trials: int, mlflow_uri: str):
 def test_two_workers_share_one_study(postgres_url, binary_root, tmp_path, tracking_store):
     path = _worker_yaml(tmp_path, binary_root, "two-workers")
     tracking.connect("two-workers")  # a fresh sqlite store is migrated once, not by two racing workers
+    optuna.storages.RDBStorage(postgres_url)  # so is a fresh Optuna schema (its CREATE TABLEs race too)
     workers = [_worker(path, postgres_url, 4, tracking_store) for _ in range(2)]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
