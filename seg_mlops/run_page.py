@@ -26,9 +26,7 @@ import numpy as np
 from mlflow.data.meta_dataset import MetaDataset
 
 from seg_mlops import data
-from seg_mlops.callbacks import panel
 from seg_mlops.config import Config
-from seg_mlops.infer import predict_probs, to_labels
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # the experiment kind MLflow's UI reads
 TRAINING_KIND = "custom_model_development"  # "Machine learning" (model training), not GenAI
@@ -128,6 +126,9 @@ def review(model, cfg: Config, out_dir: str | Path) -> tuple[dict, list[tuple[st
     mlflow.log_table, worst first, at most REVIEW_ROWS rows, each with its input | truth |
     prediction thumbnail; [(file name, panel)] of the WORST_COUNT worst images that have a dice)."""
     from PIL import Image
+
+    from seg_mlops.callbacks import panel  # Keras: not for `seg-mlops ui`, which only needs the links
+    from seg_mlops.infer import predict_probs, to_labels
 
     with open(Path(out_dir) / "per_image.csv", newline="") as f:
         rows = worst_first(list(csv.DictReader(f)))[:REVIEW_ROWS]
