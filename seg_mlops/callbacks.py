@@ -77,6 +77,34 @@ def panel(image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray,
     return np.concatenate([image, gap, truth_rgb, gap, colorize(pred, palette)], axis=1)
 
 
+# The MLflow UI (3.17) shows a logged image in a square box as wide as its card, centred, under
+# the run's name: in the run page's cards (about 250 px wide, 220 px of content at 1600x1000) a
+# picture is seen whole without scrolling from about 1.35:1 on. Wider is smaller: aim just above.
+MIN_ASPECT = 1.4
+
+
+def composite(panels: Sequence[np.ndarray], gap: int = 4) -> np.ndarray:
+    """Several panels in one picture, for the MLflow UI's image card (one card per epoch series,
+    not one per image): a grid of panels, `gap` px of grey between them, with the fewest columns
+    that make it at least MIN_ASPECT times wider than tall (the widest grid when none does).
+    Smaller panels are padded grey."""
+    h = max(p.shape[0] for p in panels)
+    w = max(p.shape[1] for p in panels)
+    n = len(panels)
+
+    def aspect(columns: int) -> float:
+        rows = -(-n // columns)
+        return (columns * (w + gap) - gap) / (rows * (h + gap) - gap)
+
+    columns = next((c for c in range(1, n + 1) if aspect(c) >= MIN_ASPECT), n)
+    rows = -(-n // columns)
+    out = np.full((rows * (h + gap) - gap, columns * (w + gap) - gap, 3), 128, np.uint8)
+    for i, p in enumerate(panels):
+        y, x = (i // columns) * (h + gap), (i % columns) * (w + gap)
+        out[y:y + p.shape[0], x:x + p.shape[1]] = p
+    return out
+
+
 class EpochInference(keras.callbacks.Callback):
     """After every epoch, predicts a few fixed images and writes input | truth | prediction panels.
 

@@ -337,8 +337,12 @@ def dashboard(config_path: str, overrides: tuple[str, ...], host: str, port: int
     url = tuning.storage_url(cfg)
     if "://" not in url and not Path(url).exists():
         raise SegMlopsError(f"no study storage at {url}: run seg-mlops tune first")
-    click.echo(f"optuna-dashboard on http://{host}:{port} (storage {tuning.redact(url)}); Ctrl-C stops it")
-    cmd = [str(Path(sys.executable).with_name("optuna-dashboard")), url, "--host", host, "--port", str(port)]
+    artifacts = tuning.artifact_dir(cfg)  # the trials' pictures (tune uploads them there)
+    artifacts.mkdir(parents=True, exist_ok=True)
+    click.echo(f"optuna-dashboard on http://{host}:{port} (storage {tuning.redact(url)}, trial pictures in "
+               f"{artifacts}); Ctrl-C stops it")
+    cmd = [str(Path(sys.executable).with_name("optuna-dashboard")), url, "--host", host, "--port", str(port),
+           "--artifact-dir", str(artifacts)]
     raise SystemExit(servers.serve(cmd))  # stopping the command stops the dashboard
 
 
@@ -401,7 +405,14 @@ def ui(host: str, port: int) -> None:
     from seg_mlops.config import redact
 
     artifacts = tracking.artifacts_home()
-    click.echo(f"MLflow UI on http://{host}:{port} (store {redact(store)}); Ctrl-C stops it")
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    click.echo(f"MLflow UI on {base} (store {redact(store)}); Ctrl-C stops it")
+    click.echo("in the model-training view (or click 'Model training' at the top left once):")
+    from seg_mlops import run_page
+
+    for name, url in run_page.training_view_links(store, base):
+        click.echo(f"  {name}: {url}")
+    sys.stdout.flush()  # the links before the server's own lines, in a log too
     cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", store,
            "--artifacts-destination", str(artifacts), "--host", host, "--port", str(port)]
     # MLflow's GenAI job runner starts seven extra worker processes that seg_mlops never uses;

@@ -117,6 +117,9 @@ class TrainConfig:
     mixed_precision: str = _key("float32", choices=("float32", "mixed_float16", "mixed_bfloat16"))
     jit_compile: str = _key("auto", choices=("auto", "on", "off"))
     steps_per_execution: int = _key(1, lo=1)
+    # CPU, memory, disk, network (and GPU when present) as `system/*` metrics of the run, sampled
+    # by MLflow's system-metrics monitor (needs psutil; GPUs need nvidia-ml-py).
+    system_metrics: bool = _key(True)
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,10 @@ class TuneConfig:
     # Optuna storage URL, e.g. postgresql://user@host/optuna for many machines.
     storage: str = _key("")
     heartbeat_seconds: int = _key(30, lo=1)  # RDB storages: a trial silent 2x this long is retried
+    # Where trials upload their pictures (optuna.artifacts; seg-mlops dashboard shows them):
+    # "" = optuna-artifacts beside the journal file (tracking/ for a database). Several machines
+    # need one shared folder.
+    artifact_dir: str = _key("", path=True)
 
 
 @dataclass(frozen=True)

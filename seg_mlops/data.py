@@ -130,10 +130,11 @@ def _names(names: Sequence[str], limit: int = 10) -> str:
     return shown + (f" ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def fingerprint(cfg: Config) -> str:
-    """Hash of the sorted file names and sizes of every split: identifies the dataset version."""
+def fingerprint(cfg: Config, splits: Sequence[str] = SPLITS) -> str:
+    """Hash of the sorted file names and sizes of every split (or of `splits`): identifies the
+    dataset version (one split's version with one split)."""
     digest = hashlib.sha256()
-    for split in SPLITS:
+    for split in splits:
         for pair in split_pairs(cfg, split):
             for path in (pair.image, pair.mask):
                 digest.update(f"{split}/{path.parent.name}/{path.name}:{path.stat().st_size}\n".encode())

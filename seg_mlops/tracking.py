@@ -21,8 +21,8 @@ import mlflow
 import numpy as np
 
 from seg_mlops import config as config_mod
-from seg_mlops import data, lifecycle
-from seg_mlops.callbacks import EpochPanels
+from seg_mlops import data, lifecycle, run_page
+from seg_mlops.callbacks import EpochPanels, composite
 from seg_mlops.config import Config
 from seg_mlops.errors import SegMlopsError
 from seg_mlops.spool import Refused, RunSink, server_wait
@@ -76,13 +76,17 @@ def use_store(create: bool = True) -> str:
 
 def connect(experiment: str) -> str:
     """Use the tracking store and return the id of `experiment`, created when missing (with its
-    artifacts beside a sqlite store, under tracking/artifacts by default)."""
+    artifacts beside a sqlite store, under tracking/artifacts by default). The experiment carries
+    MLflow's experiment-kind tag for model training (unless someone set another kind)."""
     uri = use_store()
     found = mlflow.get_experiment_by_name(experiment)
+    kind = {run_page.EXPERIMENT_KIND_TAG: run_page.TRAINING_KIND}
     if found is not None:
+        if run_page.EXPERIMENT_KIND_TAG not in found.tags:  # e.g. made by `mlflow run --experiment-name`
+            mlflow.MlflowClient().set_experiment_tag(found.experiment_id, *kind.popitem())
         return found.experiment_id
     location = (artifacts_home() / experiment).as_uri() if uri.startswith("sqlite:///") else None
-    return mlflow.create_experiment(experiment, artifact_location=location)
+    return mlflow.create_experiment(experiment, artifact_location=location, tags=kind)
 
 
 def artifacts_home() -> Path:
@@ -124,14 +128,15 @@ def run_tags(cfg: Config) -> dict[str, str]:
 def start_run(cfg: Config, *, run_name: str | None = None, parent_run_id: str | None = None,
               tags: dict[str, str] | None = None,
               killed_by: tuple[type[BaseException], ...] = (KeyboardInterrupt,),
-              run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+              run_id: str | None = None, system_metrics: bool = False) -> Iterator[mlflow.ActiveRun]:
     """A run in the config's experiment (or the one `mlflow run` created: MLFLOW_RUN_ID, or
     `run_id` to continue a run), ended FINISHED on success, KILLED on Ctrl-C (or `killed_by`, e.g.
     a pruned trial) and FAILED on any other exception. The run's tags name this process, so that
-    if it dies unannounced the next command marks the run FAILED: never left RUNNING."""
+    if it dies unannounced the next command marks the run FAILED: never left RUNNING. With
+    `system_metrics`, MLflow samples CPU, memory (and GPU) into `system/*` metrics meanwhile."""
     experiment_id = connect(cfg.experiment)
     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id,
-                           run_id=run_id)
+                           run_id=run_id, log_system_metrics=system_metrics and _can_sample())
     try:
         if run.info.experiment_id != experiment_id:
             print(f"note: logging into run {run.info.run_id} of experiment {run.info.experiment_id} (set by "
@@ -151,6 +156,16 @@ def start_run(cfg: Config, *, run_name: str | None = None, parent_run_id: str | 
     if not _end_run("FINISHED"):
         raise RunIncomplete(f"run {run.info.run_id} could not be marked FINISHED: tracking server "
                             f"{tracking_uri()} unreachable; the next seg-mlops command marks it FAILED")
+
+
+def _can_sample() -> bool:
+    """MLflow's system-metrics monitor needs psutil; without it, one note and no system metrics."""
+    import importlib.util
+
+    if importlib.util.find_spec("psutil") is None:
+        print("note: no system metrics (train.system_metrics): pip install psutil", file=sys.stderr)
+        return False
+    return True
 
 
 def _end_run(status: str) -> bool:
@@ -179,10 +194,15 @@ def param_value(value: object) -> str:
     return str(list(value) if isinstance(value, tuple) else value)
 
 
+PANELS_KEY = "input-truth-prediction"  # the epoch panels' image key under epoch_infer/ and epoch_tiled_infer/
+
+
 class MLflowLogger(keras.callbacks.Callback):
     """Per epoch: the epoch's logs (Keras' metrics, `lr`, `epoch_seconds`) at step=epoch, and the
-    epoch-inference panels as `epoch_infer/<stem>` images (the UI's step slider shows them evolve),
-    and the tiled ones as `epoch_tiled_infer/<stem>`.
+    epoch-inference panels in one picture (callbacks.composite) as the image
+    `epoch_infer/input-truth-prediction` (the UI's step slider shows them evolve), and the tiled
+    ones as `epoch_tiled_infer/input-truth-prediction`. One picture, not one per image: the UI
+    gives every image key its own card, each topped by the run's params.
 
     With a `sink` (spool.RunSink) the records are uploaded in the background and survive a server
     outage; without one they go through MLflow's asynchronous logging."""
@@ -207,9 +227,8 @@ class MLflowLogger(keras.callbacks.Callback):
         else:
             mlflow.log_metrics(metrics, step=epoch, synchronous=False)
         for prefix, source in (("epoch_infer", self.panels.inference), ("epoch_tiled_infer", self.panels.tiled)):
-            if source is not None:
-                for stem, panel in source.panels.items():
-                    self.log_image(panel, f"{prefix}/{stem}", epoch)
+            if source is not None and source.panels:
+                self.log_image(composite(list(source.panels.values())), f"{prefix}/{PANELS_KEY}", epoch)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -273,8 +292,10 @@ def log_artifacts(out_dir: Path, names: Sequence[str]) -> None:
             mlflow.log_artifact(str(out_dir / name))
 
 
-def log_evaluation(results: dict[str, float], out_dir: Path) -> None:
-    mlflow.log_metrics({f"test_{k}": v for k, v in results.items()})
+def log_evaluation(results: dict[str, float], out_dir: Path, *, dataset=None, model_id: str | None = None) -> None:
+    """The test metrics (`test_<name>`), linked to the test split's dataset and to the logged
+    model when given (MLflow 3 lists them on the model: the Models tab ranks models by them)."""
+    mlflow.log_metrics({f"test_{k}": v for k, v in results.items()}, dataset=dataset, model_id=model_id)
     log_artifacts(out_dir, ["evaluation.csv", "per_image.csv"])
 
 
@@ -315,7 +336,7 @@ def train(cfg: Config, *, overwrite: bool = False, extra_callbacks: Sequence[ker
     out = cfg.output_dir.resolve()
     with start_run(cfg, run_name=run_name, parent_run_id=parent_run_id, run_id=resume_run_id,
                    tags={**run_tags(cfg), **(tags or {}), lifecycle.OUTPUT_TAG: str(out)},
-                   killed_by=killed_by) as run:
+                   killed_by=killed_by, system_metrics=cfg.train.system_metrics) as run:
         run_id = run.info.run_id
         if wrapper and wrapper != run_id:
             mlflow.MlflowClient().set_tag(wrapper, lifecycle.RESUMED_RUN_TAG, run_id)
@@ -374,23 +395,31 @@ def finish_run(cfg: Config, result, sink: RunSink, run_id: str) -> None:
     values = result.history[cfg.train.monitor]
     best = losses.best_value(values, cfg.train.monitor)
     # local files first: they never need the server; the config as trained (mask encoding decided)
-    results = evaluate.evaluate(result.model, result.cfg or cfg, out)
-    replicas = {"seg_mlops.replicas": str(result.replicas),
-                "seg_mlops.global_batch_size": str(result.replicas * cfg.train.batch_size)}
+    trained = result.cfg or cfg
+    results = evaluate.evaluate(result.model, trained, out)
+    table, worst = run_page.review(result.model, trained, out)
+    datasets = run_page.split_datasets(trained, result.profile) if result.profile is not None else {}
+    end_tags = {"seg_mlops.replicas": str(result.replicas),
+                "seg_mlops.global_batch_size": str(result.replicas * cfg.train.batch_size),
+                run_page.NOTE_TAG: run_page.run_description(trained, result.profile, result.history, results)}
     if result.profile is not None:
-        replicas[MASK_ENCODING_TAG] = result.profile.encoding
+        end_tags[MASK_ENCODING_TAG] = result.profile.encoding
+    model_uri: list[str] = []  # the logged model's URI once uploaded (its id links the test metrics)
     wait = server_wait()
     deadline = time.monotonic() + wait
     steps = [
         ("epoch records", lambda: sink.flush(max(0.0, deadline - time.monotonic())) == 0 or _raise_pending(sink)),
         (f"best_{cfg.train.monitor}", lambda: mlflow.log_metric(f"best_{cfg.train.monitor}", best)),
-        ("tags", lambda: mlflow.set_tags(replicas)),
+        ("tags", lambda: mlflow.set_tags(end_tags)),
         ("config.yaml", lambda: mlflow.log_text(config_mod.to_yaml(config_mod.public(cfg)), "config.yaml")),
         ("history files", lambda: log_artifacts(out, ["train_losses.csv", "train_losses.png",
                                                       "train_metrics.csv", "train_metrics.png",
                                                       "dataset_profile.json"])),
-        ("evaluation", lambda: log_evaluation(results, out)),
-        ("model", lambda: log_model(result.model, result.cfg or cfg)),
+        ("datasets", lambda: datasets and run_page.log_datasets(datasets)),
+        ("model", lambda: model_uri.append(log_model(result.model, result.cfg or cfg))),
+        ("evaluation", lambda: log_evaluation(results, out, dataset=datasets.get("test"),
+                                              model_id=_model_id(model_uri[-1]))),
+        ("per-image review", lambda: run_page.log_review(table, worst)),
     ]
     for what, upload in steps:
         done, _ = sink.call(what, upload, deadline)
@@ -399,6 +428,12 @@ def finish_run(cfg: Config, result, sink: RunSink, run_id: str) -> None:
                 f"run {run_id} is incomplete: tracking server {tracking_uri()} unreachable for {wait:.0f} s "
                 f"({what} not uploaded); the model and files are kept in {out}; when the server is back, "
                 f"upload them with: seg-mlops train --resume {run_id}")
+
+
+def _model_id(model_uri: str) -> str | None:
+    """The LoggedModel id of a `models:/<id>` URI (MLflow 3), else None."""
+    rest = model_uri.removeprefix("models:/")
+    return rest if rest != model_uri and "/" not in rest and "@" not in rest else None
 
 
 def _raise_pending(sink: RunSink) -> bool:

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,9 +186,15 @@ def prepare_output(cfg: Config, overwrite: bool, resume: bool = False) -> Path:
     return out
 
 
+def progress_verbosity() -> int:
+    """Keras fit verbosity for where stdout goes: 1 (the progress bar, redrawn in place) in a
+    terminal, 2 (one line per epoch) in a file or pipe, where a bar would be a line per step."""
+    return 1 if sys.stdout.isatty() else 2
+
+
 def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = (),
           panel_logger: Callable[[EpochPanels], keras.callbacks.Callback] | None = None,
-          overwrite: bool = False, verbose: int = 2, resume: bool = False, owner: str = "") -> TrainResult:
+          overwrite: bool = False, verbose: int | None = None, resume: bool = False, owner: str = "") -> TrainResult:
     """Validate the data, build and compile the UNet, fit, and keep the best checkpoint.
 
     Every epoch also saves the training state to `<output>/resume/` (see seg_mlops.resume).
@@ -199,7 +206,8 @@ def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = 
             EpochPanels (the tracking layer's MLflowLogger); it is placed after them, so it sees
             each epoch's panels in its on_epoch_end.
         overwrite: reuse an output folder that already holds a model.
-        verbose: Keras fit verbosity (2 = one line per epoch).
+        verbose: Keras fit verbosity; default `progress_verbosity()`: Keras' progress bar in a
+            terminal, one line per epoch otherwise (logs, CI, `mlflow run` captured output).
         resume: continue from the state saved in the output folder (model, optimizer, epoch, LR,
             early-stopping, LR-reducer and checkpoint state, history rows); a fresh start when no
             epoch ended there yet.
@@ -238,7 +246,7 @@ def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = 
             _restore(model, out, callbacks, state, cfg.train.epochs)
         loggers = [panel_logger(panels)] if panel_logger is not None else []
         _fit(model, cfg, distribution, datasets, [*callbacks, saver, *loggers, *extra_callbacks],
-             state.epoch if state else 0, verbose)
+             state.epoch if state else 0, progress_verbosity() if verbose is None else verbose)
         model = _finish(model, cfg, out, chief)
     if not chief:
         shutil.rmtree(out, ignore_errors=True)

@@ -204,7 +204,46 @@ def objective(trial: optuna.Trial, cfg: Config, parent_run_id: str) -> float:
         killed_by=(KeyboardInterrupt, optuna.TrialPruned))
     trial.set_user_attr(MODEL_URI_ATTR, mlflow.get_run(run_id).data.tags[tracking.MODEL_URI_TAG])
     values = result.history[cfg.train.monitor]
+    upload_pictures(trial, cfg, result)
     return losses.best_value(values, cfg.train.monitor)
+
+
+def artifact_dir(cfg: Config) -> Path:
+    """tune.artifact_dir, else `optuna-artifacts` beside the journal file (tracking/ for the
+    default journal and for database storages)."""
+    if cfg.tune.artifact_dir:
+        return Path(cfg.tune.artifact_dir)
+    url = storage_url(cfg)
+    return (Path(url).parent if "://" not in url else tracking.TRACKING_HOME.resolve()) / "optuna-artifacts"
+
+
+def upload_pictures(trial: optuna.Trial, cfg: Config, result) -> list[str]:
+    """Upload what a trial's model does to the study's artifact store (optuna-dashboard shows them
+    on the trial): its epoch-inference panels of the best epoch in one picture, and its curves.
+    Returns the uploaded file names."""
+    from PIL import Image
+
+    from seg_mlops.callbacks import composite
+
+    folder = artifact_dir(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    store = optuna.artifacts.FileSystemArtifactStore(str(folder))
+    out = result.output_dir
+    values = result.history[cfg.train.monitor]
+    best = losses.best_value(values, cfg.train.monitor)
+    files = []
+    if best == best:  # not NaN
+        epoch = values.index(best) + 1  # panel files are numbered from 1
+        panels = [np.asarray(Image.open(p).convert("RGB"))
+                  for p in sorted((out / "epoch_infer").glob(f"epoch_{epoch:03d}_*.png"))]
+        if panels:
+            Image.fromarray(composite(panels)).save(out / "best_epoch_panels.png")
+            files.append(out / "best_epoch_panels.png")
+    files += [out / name for name in ("train_metrics.png", "train_losses.png") if (out / name).is_file()]
+    for path in files:
+        optuna.artifacts.upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial,
+                                         mimetype="image/png")
+    return [p.name for p in files]
 
 
 class _FailurePolicy:
@@ -263,6 +302,17 @@ def finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
+def progress_line(study: optuna.Study, trial: optuna.trial.FrozenTrial, n_trials: int, monitor: str) -> str:
+    """How far the study is after `trial`: "trial 3: complete, val_dice_coef 0.6120; 4 of 20
+    finished; best 0.6532 (trial 1)". Finished = complete or pruned, all workers together."""
+    state = trial.state.name.lower()
+    value = f", {monitor} {trial.value:.4f}" if trial.value is not None else ""
+    line = f"trial {trial.number}: {state}{value}; {finished(study)} of {n_trials} finished"
+    if any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        line += f"; best {study.best_value:.4f} (trial {study.best_trial.number})"
+    return line
+
+
 def run_study(cfg: Config, *, n_trials: int | None = None, timeout: float | None = None) -> optuna.Study:
     """One launch (one worker) of the dataset's study, inside a parent MLflow run.
 
@@ -295,6 +345,7 @@ def run_study(cfg: Config, *, n_trials: int | None = None, timeout: float | None
         client.log_metric(parent_id, "finished_trials", finished(study), step=trial.number)
         if any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
             client.log_metric(parent_id, "best_value", study.best_value, step=trial.number)
+        print(progress_line(study, trial, n_trials, cfg.train.monitor), flush=True)
 
     remaining = n_trials - finished(study)
     status = "FINISHED"

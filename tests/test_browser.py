@@ -9,16 +9,18 @@ are kept under outputs/test-artifacts/ (gitignored) for a person to look at.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
 
 import mlflow
+import numpy as np
 import optuna
 import pytest
 import yaml
 
-from seg_mlops import data, tracking
+from seg_mlops import registry, tracking
 from tests.conftest import REPO
 from tests.test_concurrency import server
 from tests.test_mlflow import free_port, venv_env
@@ -55,7 +57,7 @@ def browser():
     # keeps retrying refused connections and pages stall.
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--no-first-run", "--window-size=1600,1100", f"--user-data-dir={profile}"):
+                "--no-first-run", "--window-size=1600,1000", f"--user-data-dir={profile}"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(chromedriver), options=options)
     driver.set_page_load_timeout(WAIT)
@@ -64,12 +66,14 @@ def browser():
     driver.quit()
 
 
-def page_text(driver, url: str, *expected: str) -> str:
-    """Open url and wait until the rendered page shows every expected string; returns its text."""
+def page_text(driver, url: str | None, *expected: str) -> str:
+    """Open url (None: stay) and wait until the rendered page shows every expected string; returns its text."""
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver.get(url)
+    if url is not None:  # None: the page as it is now
+        driver.get(url)
+
     def body(d) -> str:  # whitespace collapsed: innerText puts a heading and its count on two lines
         return " ".join(d.execute_script("return document.body ? document.body.innerText : ''").split())
 
@@ -92,43 +96,115 @@ def loaded_images(driver, fragment: str) -> list[dict]:
         fragment)
 
 
-def test_mlflow_ui_shows_the_run_its_curves_and_epoch_images(browser, tiny_cfg, tracking_store):
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
+def in_view(driver, fragment: str) -> dict:
+    """Where the first <img> whose src contains fragment lies: its box, the box of the nearest
+    scrolling ancestor (the card's content area) and that ancestor's scroll offset."""
+    return driver.execute_script("""
+        const img = Array.from(document.images).find(i => i.src.includes(arguments[0]));
+        if (!img) return null;
+        let box = img.parentElement;
+        while (box && box !== document.body && !/(auto|scroll)/.test(getComputedStyle(box).overflowY)) {
+            box = box.parentElement;
+        }
+        const r = img.getBoundingClientRect(), b = box.getBoundingClientRect();
+        return {img: [r.top, r.bottom, r.left, r.right], box: [b.top, b.bottom, b.left, b.right],
+                scrolled: box.scrollTop, src: img.src, width: img.naturalWidth,
+                viewport: [window.innerHeight, window.innerWidth]};""", fragment)
+
+
+def inside(where: dict) -> bool:
+    (top, bottom, left, right), (btop, bbottom, bleft, bright) = where["img"], where["box"]
+    return (where["scrolled"] == 0 and btop <= top < bottom <= bbottom and bleft <= left < right <= bright
+            and bottom <= where["viewport"][0])
+
+
+def wait_for(driver, condition, what: str, shot: str = "failed-page.png"):
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
+    try:
+        return WebDriverWait(driver, WAIT, poll_frequency=0.5).until(condition)
+    except TimeoutException:
+        driver.save_screenshot(str(ARTIFACTS / shot))
+        raise AssertionError(f"never: {what} (screenshot {ARTIFACTS / shot})") from None
+
+
+def test_mlflow_ui_shows_the_run_its_curves_and_epoch_images(browser, tiny_cfg, tracking_store, monkeypatch):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # a tiny run lasts seconds
     cfg = tiny_cfg("experiment=in-the-browser", "train.epochs=2", "train.epoch_infer_count=2",
                    "train.patience=0")
     result, run_id = tracking.train(cfg, run_name="browser-run")
+    version = registry.register_best(cfg, run_id=run_id).version
     experiment_id = mlflow.get_experiment_by_name("in-the-browser").experiment_id
-    stems = [p.stem for p in data.list_images(cfg.split_dirs("valid")[0])[:2]]
-    metrics = len(mlflow.get_run(run_id).data.metrics)  # one chart each, in the "Model metrics" section
-    base_url = None
+    logged = mlflow.get_run(run_id).data.metrics
+    system = sorted(k for k in logged if k.startswith("system/"))  # MLflow's monitor, on by default
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(system)
+    metrics = len(logged) - len(system)  # one chart each, in the "Model metrics" section
     port = free_port()
     args = [sys.executable, "-m", "seg_mlops.cli", "ui", "--port", str(port)]
     with server(args, f"http://127.0.0.1:{port}/health", venv_env(MLFLOW_TRACKING_URI=tracking_store),
                 ARTIFACTS / "mlflow-ui.log"):
-        base_url = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}"
-        # The experiment's runs list: the experiment and the run, by name.
-        page_text(browser, f"{base_url}/runs", "in-the-browser", "browser-run")
+        # The link `seg-mlops ui` prints opens the experiment in MLflow's model-training layout:
+        # its runs table (with each run's three datasets) and Models, not GenAI's traces and judges.
+        printed = (ARTIFACTS / "mlflow-ui.log").read_text()
+        link = re.search(r"^  in-the-browser: (http\S+)$", printed, re.M).group(1)
+        assert link == f"http://127.0.0.1:{port}/#/experiments/{experiment_id}?workflowType=machine_learning"
+        text = page_text(browser, link, "browser-run", "Runs", "Models", "Model registry",
+                         *(f"in-the-browser-{s}" for s in ("train", "valid", "test")))
+        assert "Judges" not in text and "Sessions" not in text
         browser.save_screenshot(str(ARTIFACTS / "mlflow-experiment.png"))
+        ml = "?workflowType=machine_learning"  # the layout for the pages opened below too
+        base_url = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}"
 
-        # The run page: its name, params and the metrics it logged.
-        text = page_text(browser, f"{base_url}/runs/{run_id}", "browser-run", "val_dice_coef",
-                         "model.base_filters")
-        assert run_id[:8] in text or "browser-run" in text
+        # The run page: its name, params, metrics, its one-line description, and the three splits
+        # it was trained and tested on (the first shown, the others one click away).
+        text = page_text(browser, f"{base_url}/runs/{run_id}{ml}", "browser-run", "val_dice_coef",
+                         "model.base_filters", "in-the-browser-train (", "Training",
+                         "UNet (binary, 4 base filters) trained on 'in-the-browser'")
+        assert "8 train / 4 valid / 4 test images, 32x32 px" in text
+        browser.find_element(By.XPATH, "//*[text()='+2']").click()
+        page_text(browser, None, "in-the-browser-valid (", "Validation", "in-the-browser-test (", "Testing")
         browser.save_screenshot(str(ARTIFACTS / "mlflow-run.png"))
 
-        # Model metrics: an image grid per epoch-inference panel (with the step slider) and a chart
-        # per curve. The panel images must really load (naturalWidth > 0).
-        page_text(browser, f"{base_url}/runs/{run_id}/model-metrics", "epoch_infer (2)",
-                  f"Model metrics ({metrics})", *(f"epoch_infer/{s}" for s in stems))
-        WebDriverWait(browser, WAIT, poll_frequency=0.5).until(
-            lambda d: {s for s in stems if any(i["width"] > 0 and i["complete"]
-                                                for i in loaded_images(d, f"epoch_infer~{s}"))} == set(stems))
-        images = loaded_images(browser, "epoch_infer~")
-        assert all("get-artifact" in i["src"] for i in images)
+        # Model metrics: one image card of the epoch panels (with the step slider) and a chart per
+        # curve. The panel image must really load (naturalWidth > 0).
+        key = f"epoch_infer~{tracking.PANELS_KEY}"
+        page_text(browser, f"{base_url}/runs/{run_id}/model-metrics{ml}", "epoch_infer (1)",
+                  f"Model metrics ({metrics})", f"epoch_infer/{tracking.PANELS_KEY}")
+        wait_for(browser, lambda d: any(i["width"] > 0 and i["complete"] for i in loaded_images(d, key)),
+                 "the epoch panel image loads")
+        assert "get-artifact" in in_view(browser, key)["src"]
+        browser.save_screenshot(str(ARTIFACTS / "mlflow-model-metrics-default.png"))
+        # MLflow 3.17 tops every image card with all the run's params (mlflow#23512; ~100 here),
+        # which hides the picture below the card's fold. The card's own switch (Configure > Show
+        # run parameters, mlflow#23705) turns that off; then the picture, sized for the card
+        # (callbacks.composite), is seen whole without scrolling.
+        browser.find_elements(By.CSS_SELECTOR, "[data-testid=experiment-view-compare-runs-card-menu]")[0].click()
+        wait_for(browser, lambda d: [i for i in d.find_elements(By.CSS_SELECTOR, "[role=menuitem]")
+                                     if i.text == "Configure"], "the card menu")[0].click()
+        dialog = wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, "[role=dialog]"), "the card dialog")
+        switch = dialog.find_element(By.CSS_SELECTOR, "[role=switch]")
+        assert "Show run parameters" in dialog.text and switch.get_attribute("aria-checked") == "true"
+        switch.click()
+        [b for b in dialog.find_elements(By.TAG_NAME, "button") if b.text == "Save changes"][0].click()
+        where = wait_for(browser, lambda d: (w := in_view(d, key)) and w["width"] > 0 and inside(w) and w,
+                         "the epoch panel lies inside its card's visible area")
+        first = where["src"]
         browser.save_screenshot(str(ARTIFACTS / "mlflow-model-metrics.png"))
+        # The step slider's box: step 0 -> step 1 shows the next epoch's picture, in place.
+        box = browser.find_element(By.CSS_SELECTOR, "input[type=number]")
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys("1")
+        box.send_keys(Keys.TAB)
+        where = wait_for(browser, lambda d: (w := in_view(d, key)) and w["src"] != first and w["width"] > 0
+                         and inside(w) and w, "the step slider changes the image")
+        assert re.search(r"step(%2B|\+)1(%2B|\+)", where["src"]) and re.search(r"step(%2B|\+)0(%2B|\+)", first), \
+            (first, where["src"])
+        browser.save_screenshot(str(ARTIFACTS / "mlflow-model-metrics-step1.png"))
+
         # Charts render only when scrolled into view: the page's own search box brings each
         # validation curve up, as a user would find it; a rendered chart's legend is "run (metric)".
         search = browser.find_element(By.CSS_SELECTOR, "input[placeholder*='Search metric charts']")
@@ -136,10 +212,34 @@ def test_mlflow_ui_shows_the_run_its_curves_and_epoch_images(browser, tiny_cfg, 
             search.send_keys(Keys.CONTROL, "a")
             search.send_keys(Keys.DELETE)
             search.send_keys(name)
-            WebDriverWait(browser, WAIT, poll_frequency=0.5).until(
-                lambda d, name=name: f"browser-run ({name})" in " ".join(
-                    d.execute_script("return document.body.innerText").split()))
+            wait_for(browser, lambda d, name=name: f"browser-run ({name})" in " ".join(
+                d.execute_script("return document.body.innerText").split()), f"the {name} chart")
         browser.save_screenshot(str(ARTIFACTS / "mlflow-val-curves.png"))
+
+        # System metrics: MLflow's CPU and memory charts of the run.
+        browser.find_element(By.XPATH, "//*[normalize-space(text())='System metrics']").click()
+        page_text(browser, None, f"System metrics ({len(system)})", "cpu_utilization_percentage")
+        wait_for(browser, lambda d: re.search(r"browser-run \((system/)?cpu_utilization_percentage\)", " ".join(
+            d.execute_script("return document.body.innerText").split())), "the CPU chart is drawn")
+        browser.save_screenshot(str(ARTIFACTS / "mlflow-system-metrics.png"))
+
+        # The per-image review: the test images worst first, each row with its thumbnail.
+        review = mlflow.MlflowClient().load_table(experiment_id, "per_image_review.json", run_ids=[run_id])
+        text = page_text(browser, f"{base_url}/runs/{run_id}/artifacts/per_image_review.json{ml}",
+                         "View as table", "input | truth | prediction", review["image"][0], f"{review['dice'][0]:.4f}")
+        shown = [name for name in review["image"] if name in text]  # the rows of the table's first page
+        assert len(shown) >= 3 and shown == list(review["image"][:len(shown)])
+        thumbs = wait_for(browser, lambda d: len(t := [i for i in loaded_images(d, "table_images") if i["width"] > 0])
+                          == len(shown) and t, "a thumbnail per row")
+        assert all(abs(i["width"] / i["height"] - (3 * 32 + 4) / 32) < 0.05 for i in thumbs)
+        browser.save_screenshot(str(ARTIFACTS / "mlflow-per-image-review.png"))
+
+        # The registered version: its description is the model card.
+        fingerprint = mlflow.get_run(run_id).data.tags["seg_mlops.dataset_fingerprint"]
+        page_text(browser, f"http://127.0.0.1:{port}/#/models/seg-in-the-browser/versions/{version}{ml}",
+                  f"Version {version}", "Description", fingerprint, "test_dice_coef",
+                  f"models:/seg-in-the-browser/{version}")
+        browser.save_screenshot(str(ARTIFACTS / "mlflow-model-version.png"))
     assert (ARTIFACTS / "mlflow-model-metrics.png").stat().st_size > 10_000  # a real rendering, not blank
 
 
@@ -150,11 +250,33 @@ def test_dashboard_shows_the_study_trials(browser, tmp_path):
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
     study = optuna.create_study(study_name="browser-study", storage=storage, direction="maximize")
     space = {"train.learning_rate": optuna.distributions.FloatDistribution(0.001, 0.1, log=True)}
+    # Trial 1 runs as tuning's objective does: it uploads its picture (tuning.upload_pictures) to
+    # the artifact store the dashboard reads, while running.
+    from PIL import Image
+
+    from seg_mlops.callbacks import composite
+
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    panels = [np.concatenate([np.full((40, 40, 3), c, np.uint8) for c in (60, 120, 200)], axis=1)] * 2
+    Image.fromarray(composite(panels)).save(tmp_path / "best_epoch_panels.png")
     for lr, value in ((0.01, 0.625), (0.02, 0.8125), (0.005, 0.4375)):
-        study.add_trial(optuna.trial.create_trial(params={"train.learning_rate": lr}, distributions=space,
-                                                  value=value, intermediate_values={0: value / 2, 1: value}))
+        if lr != 0.02:
+            study.add_trial(optuna.trial.create_trial(params={"train.learning_rate": lr}, distributions=space,
+                                                      value=value, intermediate_values={0: value / 2, 1: value}))
+            continue
+        study.enqueue_trial({"train.learning_rate": lr})
+        trial = study.ask(space)
+        assert trial.number == 1
+        for step, reported in ((0, value / 2), (1, value)):
+            trial.report(reported, step)
+        optuna.artifacts.upload_artifact(artifact_store=optuna.artifacts.FileSystemArtifactStore(str(pictures)),
+                                         file_path=str(tmp_path / "best_epoch_panels.png"), study_or_trial=trial,
+                                         mimetype="image/png")
+        study.tell(trial, value)
     path = tmp_path / "dash.yaml"
-    path.write_text(yaml.safe_dump({"experiment": "browser-study", "tune": {"storage": str(journal)}}))
+    path.write_text(yaml.safe_dump({"experiment": "browser-study",
+                                    "tune": {"storage": str(journal), "artifact_dir": str(pictures)}}))
     port = free_port()
     args = [sys.executable, "-m", "seg_mlops.cli", "dashboard", "--config", str(path), "--port", str(port)]
     with server(args, f"http://127.0.0.1:{port}/api/studies", venv_env(), ARTIFACTS / "dashboard.log"):
@@ -166,4 +288,9 @@ def test_dashboard_shows_the_study_trials(browser, tmp_path):
         text = page_text(browser, f"{url}/trials", "3 Trials", "Trial 0", "Trial 1", "Trial 2", "0.625")
         assert text.count("Complete") >= 3
         browser.save_screenshot(str(ARTIFACTS / "dashboard-trials.png"))
+        # Trial 1's page shows its picture, served from the artifact store.
+        page_text(browser, f"{url}/trials?numbers=1", "Trial 1", "best_epoch_panels.png")
+        wait_for(browser, lambda d: [i for i in loaded_images(d, f"/artifacts/{study._study_id}/{trial._trial_id}/")
+                                     if (i["width"], i["height"]) == (3 * 40, 2 * 40 + 4)], "trial 1's panel image loads")
+        browser.save_screenshot(str(ARTIFACTS / "dashboard-trial-picture.png"))
     assert (ARTIFACTS / "dashboard-study.png").stat().st_size > 10_000

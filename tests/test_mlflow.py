@@ -88,16 +88,68 @@ def check_training_run(run_id: str, epochs: int) -> None:
     assert len(run.data.tags["seg_mlops.dataset_fingerprint"]) == 16
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "evaluation.csv", "per_image.csv", "train_losses.csv", "train_metrics.png"} <= artifacts
-    # One decodable panel per fixed image per epoch, under epoch_infer/<stem> with its step.
+    # One decodable picture per epoch, under epoch_infer/input-truth-prediction with its step: the
+    # two fixed images' input | truth | prediction panels (3 x 32 px + 2 gaps) one above the other.
     pngs = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
     assert sorted(p.split("~")[1].split("+step+")[0] + f"@{p.split('+step+')[1].split('+')[0]}"
-                  for p in pngs) == sorted(f"cell_000{i}@{e}" for i in range(2) for e in range(epochs))
+                  for p in pngs) == [f"input-truth-prediction@{e}" for e in range(epochs)]
     local = client.download_artifacts(run_id, pngs[0])
-    assert Image.open(local).size == (3 * 32 + 4, 32)
+    assert Image.open(local).size == (3 * 32 + 4, 2 * 32 + 4)
     # The logged model: pyfunc, raw pixels in, masks out, no seg_mlops code needed.
     model = mlflow.pyfunc.load_model(run.data.tags[tracking.MODEL_URI_TAG])
     out = model.predict(np.full((2, 32, 32, 3), 128, np.float32))
     assert np.asarray(out).shape == (2, 32, 32, 1)
+    check_run_page(run, epochs)
+
+
+def check_run_page(run, epochs: int) -> None:
+    """What the run shows at a glance in the UI: its experiment's kind, datasets, description,
+    the per-image review and the test metrics on the logged model (binary_root: 8/4/4 images)."""
+    client = mlflow.MlflowClient()
+    run_id, experiment = run.info.run_id, client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # Datasets: one input per split, named, digested by our per-split fingerprint, profiled.
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    assert sorted(inputs) == sorted(f"{experiment.name}-{s}" for s in ("train", "valid", "test"))
+    contexts = {name.rsplit("-", 1)[1]: {t.key: t.value for t in i.tags}["mlflow.data.context"]
+                for name, i in inputs.items()}
+    assert contexts == {"train": "training", "valid": "validation", "test": "testing"}
+    profiles = {name.rsplit("-", 1)[1]: json.loads(i.dataset.profile) for name, i in inputs.items()}
+    assert {s: p["images"] for s, p in profiles.items()} == {"train": 8, "valid": 4, "test": 4}
+    assert all(sum(p["class_fractions"].values()) == pytest.approx(1, abs=1e-5) for p in profiles.values())
+    assert all(0 < p["class_fractions"]["foreground"] < 0.5 for p in profiles.values())
+    digests = [i.dataset.digest for i in inputs.values()]
+    assert len(set(digests)) == 3 and all(len(d) == 16 for d in digests)
+    # The description: one line, what was trained on what and how well.
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith("UNet (binary, 4 base filters) trained on ") and "\n" not in note
+    assert "8 train / 4 valid / 4 test images, 32x32 px" in note and f"for {epochs} epochs" in note
+    # Per-image review: every test image, worst dice first (empty truth last), as per_image.csv
+    # scores them, each with its input | truth | prediction thumbnail.
+    table = client.load_table(experiment.experiment_id, "per_image_review.json", run_ids=[run_id])
+    csv_rows = {r["image"]: r for r in _csv(client.download_artifacts(run_id, "per_image.csv"))}
+    assert sorted(table["image"]) == sorted(csv_rows)
+    dice = [d for d in table["dice"] if d == d]
+    assert dice == sorted(dice)
+    assert dice == pytest.approx([float(csv_rows[n]["dice"]) for n in table["image"][:len(dice)]], abs=1e-9)
+    thumbs = table["input | truth | prediction"]
+    assert all(t["type"] == "image" for t in thumbs)
+    assert Image.open(client.download_artifacts(run_id, thumbs[0]["filepath"])).size == (3 * 32 + 4, 32)
+    worst = sorted(a.path for a in client.list_artifacts(run_id, "worst_test_images"))
+    assert worst == [f"worst_test_images/{i + 1:02d}_{Path(n).stem}.png"
+                     for i, n in enumerate(table["image"][:min(5, len(dice))])]
+    # The test metrics belong to the logged model too, measured on the test split's dataset.
+    model_id = run.data.tags[tracking.MODEL_URI_TAG].removeprefix("models:/")
+    on_model = {m.key: m for m in mlflow.get_logged_model(model_id).metrics}
+    assert on_model["test_dice_coef"].value == run.data.metrics["test_dice_coef"]
+    assert on_model["test_dice_coef"].dataset_name == f"{experiment.name}-test"
+
+
+def _csv(path: str) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def test_mlflow_run_train_entry_point(tiny_yaml, tracking_store):

@@ -50,7 +50,7 @@ def runs_of(experiment: str, tracking_store: str) -> list:
 
 
 def image_steps(run_id: str) -> list[str]:
-    """`<stem>@<step>` of every epoch_infer image logged to the run."""
+    """`<key>@<step>` of every epoch_infer image logged to the run (one picture per epoch)."""
     pngs = [a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "images") if a.path.endswith(".png")]
     return sorted(p.split("~")[1].split("+step+")[0] + "@" + p.split("+step+")[1].split("+")[0] for p in pngs)
 
@@ -278,8 +278,8 @@ def test_mirrored_over_two_logical_cpus_logs_like_a_plain_run(tiny_yaml, tmp_pat
     assert mirrored.data.tags["seg_mlops.global_batch_size"] == "8"  # 4 per replica x 2
     for name in ("loss", "val_dice_coef", "lr"):
         assert [m.step for m in client.get_metric_history(mirrored.info.run_id, name)] == [0, 1]
-    # One set of panels per epoch (2 images x 2 epochs), exactly as the plain run.
-    expected = sorted(f"cell_000{i}@{e}" for i in range(2) for e in range(2))
+    # One picture of the panels per epoch (2 epochs), exactly as the plain run.
+    expected = [f"input-truth-prediction@{e}" for e in range(2)]
     assert image_steps(mirrored.info.run_id) == image_steps(plain.info.run_id) == expected
 
 
@@ -308,7 +308,7 @@ def test_multi_worker_two_processes_one_chief_run(tiny_yaml, tmp_path, tracking_
     run = runs[0]
     assert run.info.status == "FINISHED" and run.data.tags["seg_mlops.replicas"] == "2"
     assert LOGGED <= set(run.data.metrics)
-    assert image_steps(run.info.run_id) == ["cell_0000@0", "cell_0001@0"]
+    assert image_steps(run.info.run_id) == ["input-truth-prediction@0"]
     # Only the chief writes the output folder; the worker's temporary folder is gone.
     out = tmp_path / "out"
     assert (out / "best_model.keras").is_file() and len(list((out / "epoch_infer").glob("*.png"))) == 2

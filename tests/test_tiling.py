@@ -272,14 +272,17 @@ def test_tiled_epoch_panels_logged_and_tiled_infer_entry_point(binary_root, tmp_
     panels = sorted(p.name for p in (result.output_dir / "epoch_tiled_infer").iterdir())
     assert panels == [f"epoch_{e:03d}_cell_000{i}.png" for e in (1, 2) for i in (0, 1)]
     assert Image.open(result.output_dir / "epoch_tiled_infer" / panels[0]).size == (3 * 48 + 4, 48)
-    # MLflow: epoch_tiled_infer/<stem> at every step, next to the plain epoch_infer/<stem>.
+    # MLflow: the two tiled panels in one picture, epoch_tiled_infer/input-truth-prediction, at
+    # every step, next to the plain epoch_infer/input-truth-prediction.
     client = mlflow.MlflowClient()
     pngs = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
     logged = sorted((p.split("/")[-1].split("~")[0], p.split("~")[1].split("+step+")[0],
                      int(p.split("+step+")[1].split("+")[0])) for p in pngs)
-    expected = sorted((key, f"cell_000{i}", e) for key in ("epoch_infer", "epoch_tiled_infer")
-                      for i in range(2) for e in range(2))
+    expected = sorted((key, "input-truth-prediction", e) for key in ("epoch_infer", "epoch_tiled_infer")
+                      for e in range(2))
     assert logged == expected
+    tiled_pngs = [p for p in pngs if p.split("/")[-1].startswith("epoch_tiled_infer~")]
+    assert Image.open(client.download_artifacts(run_id, tiled_pngs[0])).size == (3 * 48 + 4, 2 * 48 + 4)
 
     # `mlflow run -e tiled_infer` with the trained model: masks at the original 48 px size.
     proc = subprocess.run([MLFLOW, "run", str(REPO), "-e", "tiled_infer", "-P", f"config={cfg_path}",

@@ -113,3 +113,19 @@ def test_multiclass_trains_with_class_metrics(tiny_multiclass_cfg):
                          cv2.COLOR_BGR2RGB)
     truth_colours = {tuple(c) for c in panel[:, 34:66].reshape(-1, 3)}
     assert truth_colours <= {(0, 0, 0), (0, 255, 0), (255, 0, 0)}
+
+
+def test_progress_bar_only_in_a_terminal(monkeypatch):
+    import io
+    import sys
+
+    from seg_mlops import train as train_mod
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    assert train_mod.progress_verbosity() == 1  # Keras' progress bar, redrawn in place
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    assert train_mod.progress_verbosity() == 2  # a log, CI, `mlflow run`: one line per epoch

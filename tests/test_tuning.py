@@ -60,7 +60,7 @@ def test_study_with_pruning_nested_runs_and_resume(tiny_cfg, tmp_path):
     cfg = tiny_cfg("experiment=tiny-study", f"tune.storage={tmp_path / 'study.journal'}", "tune.epochs=3",
                    "tune.n_trials=3", "tune.warmup_epochs=1", "train.monitor=val_loss",
                    "train.learning_rate=0.02", "train.patience=0", "train.epoch_infer_count=1",
-                   "tune.space={train.learning_rate: [0.02, 1.0e-9]}")
+                   "tune.space={train.learning_rate: [0.02, 1.0e-9]}", f"tune.artifact_dir={tmp_path / 'pictures'}")
     study = tuning.load_study(cfg)
     for lr in (0.02, 0.02, 1e-9):
         study.enqueue_trial({"train.learning_rate": lr})
@@ -92,6 +92,12 @@ def test_study_with_pruning_nested_runs_and_resume(tiny_cfg, tmp_path):
     assert artifacts == {"optuna/optimization_history.html", "optuna/param_importances.html",
                          "optuna/intermediate_values.html"}
     assert parent.info.status == "FINISHED"
+    # Each complete trial's pictures are in the study's artifact store (optuna-dashboard shows them):
+    # its best epoch's panel and its curves.
+    for trial in trials[:2]:
+        metas = optuna.artifacts.get_all_artifact_meta(trial, storage=study._storage)
+        assert sorted(m.filename for m in metas) == ["best_epoch_panels.png", "train_losses.png", "train_metrics.png"]
+        assert all((tmp_path / "pictures" / m.artifact_id).is_file() for m in metas)
 
     # Relaunch: the same study continues (trial numbers go on) under a new parent run.
     resumed = tuning.run_study(config.override(cfg, {"tune.n_trials": 4}))
@@ -256,6 +262,7 @@ def _worker(path, storage: str, n_trials: int, mlflow_uri: str):
 def test_two_workers_share_one_study(postgres_url, binary_root, tmp_path, tracking_store):
     path = _worker_yaml(tmp_path, binary_root, "two-workers")
     tracking.connect("two-workers")  # a fresh sqlite store is migrated once, not by two racing workers
+    optuna.storages.RDBStorage(postgres_url)  # so is a fresh Optuna schema (its CREATE TABLEs race too)
     workers = [_worker(path, postgres_url, 4, tracking_store) for _ in range(2)]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
@@ -376,3 +383,16 @@ def test_trial_value_is_the_best_epoch_not_the_last(tiny_cfg, tmp_path):
     assert client.get_run(run_id).data.metrics["best_val_loss"] == pytest.approx(trial.value, rel=1e-6)
     # what the pruner saw per epoch is that same history
     assert [trial.intermediate_values[e] for e in range(3)] == pytest.approx(values, rel=1e-6)
+
+
+def test_progress_line_says_how_far_the_study_is():
+    study = optuna.create_study(direction="maximize")
+    space = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    for value in (0.5, 0.75):
+        study.add_trial(optuna.trial.create_trial(params={"x": value}, distributions=space, value=value))
+    study.add_trial(optuna.trial.create_trial(params={"x": 0.1}, distributions=space,
+                                              state=optuna.trial.TrialState.PRUNED))
+    line = tuning.progress_line(study, study.trials[2], 20, "val_dice_coef")
+    assert line == "trial 2: pruned; 3 of 20 finished; best 0.7500 (trial 1)"
+    assert tuning.progress_line(study, study.trials[0], 20, "val_dice_coef").startswith(
+        "trial 0: complete, val_dice_coef 0.5000; 3 of 20 finished")
