@@ -429,7 +429,7 @@ def _values(hist: np.ndarray) -> str:
 # ----------------------------------------------------------------------------- tf.data
 
 def make_dataset(pairs: Sequence[Pair], cfg: Config, *, batch_size: int, shuffle: bool,
-                 augment: bool = False):
+                 augment: bool = False, repeat: bool = False):
     """A tf.data pipeline of (float32 raw-pixel images, float32 binary/one-hot labels).
 
     Streamed (default): file names are shuffled (seeded, reshuffled every epoch) before decoding,
@@ -441,6 +441,12 @@ def make_dataset(pairs: Sequence[Pair], cfg: Config, *, batch_size: int, shuffle
     With augment=True (the train split only) and any cfg.augment probability above 0, every
     decoded uint8 pair is augmented after the cache and the shuffle, so cached pairs are drawn
     anew every epoch (seg_mlops.augment); validation, test and inference pipelines never are.
+
+    With repeat=True the batches of one pass repeat forever (each pass reshuffled, its last batch
+    still partial): training makes ONE iterator for all epochs (fit with `steps_per_epoch`, see
+    `steps`). Making a new iterator every epoch, as Keras does for a finite dataset, runs
+    tf.data's graph rewrites and autotuner set-up again each time, and that stalled the start of
+    epochs by up to tens of seconds on busy CPUs (issue 17; bench/overhead.py prints the waits).
     """
     import tensorflow as tf
 
@@ -472,8 +478,15 @@ def make_dataset(pairs: Sequence[Pair], cfg: Config, *, batch_size: int, shuffle
         ds = shuffled(ds).map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if augment and augment_mod.enabled(cfg.augment):
         ds = augment_mod.augment_dataset(ds, cfg.augment, cfg.seed, height, width)
-    ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(distribution_options())
+    ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+    if repeat:
+        ds = ds.repeat()
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(distribution_options())
+
+
+def steps(pairs: Sequence[Pair], batch_size: int) -> int:
+    """Batches in one pass over `pairs` (the last one partial): an epoch of a repeated pipeline."""
+    return math.ceil(len(pairs) / batch_size)
 
 
 def distribution_options():
@@ -505,15 +518,16 @@ def cache_file(pairs: Sequence[Pair], cfg: Config) -> str:
     return str(folder / digest)
 
 
-def make_datasets(cfg: Config, batch_size: int | None = None):
+def make_datasets(cfg: Config, batch_size: int | None = None, repeat: bool = False):
     """(train, valid) pipelines from the config's folders; only train is augmented.
 
     Args:
         cfg: the experiment config, as `prepare` returned it (pairs validated, encoding decided).
         batch_size: images per batch; None means train.batch_size (a distributed run passes the
             global batch: train.batch_size x replicas).
+        repeat: endless pipelines for fit with steps_per_epoch / validation_steps (`steps`).
     """
     train_pairs, valid_pairs = split_pairs(cfg, "train"), split_pairs(cfg, "valid")
     batch_size = batch_size or cfg.train.batch_size
-    return (make_dataset(train_pairs, cfg, batch_size=batch_size, shuffle=True, augment=True),
-            make_dataset(valid_pairs, cfg, batch_size=batch_size, shuffle=False))
+    return (make_dataset(train_pairs, cfg, batch_size=batch_size, shuffle=True, augment=True, repeat=repeat),
+            make_dataset(valid_pairs, cfg, batch_size=batch_size, shuffle=False, repeat=repeat))

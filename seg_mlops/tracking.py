@@ -301,7 +301,8 @@ def log_evaluation(results: dict[str, float], out_dir: Path, *, dataset=None, mo
 
 def train(cfg: Config, *, overwrite: bool = False, extra_callbacks: Sequence[keras.callbacks.Callback] = (),
           run_name: str | None = None, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
-          killed_by: tuple[type[BaseException], ...] = (KeyboardInterrupt,), resume_run_id: str | None = None):
+          killed_by: tuple[type[BaseException], ...] = (KeyboardInterrupt,), resume_run_id: str | None = None,
+          score_test: bool = True):
     """Train inside an MLflow run: params, tags, per-epoch metrics and panels, the history files,
     `best_<monitor>`, test-split evaluation and the model. Returns (TrainResult, run_id).
 
@@ -313,6 +314,8 @@ def train(cfg: Config, *, overwrite: bool = False, extra_callbacks: Sequence[ker
         killed_by: exceptions that end the run KILLED rather than FAILED.
         resume_run_id: continue this run (FAILED or KILLED) from the training state in its output
             folder, logging into it with continuous steps.
+        score_test: evaluate the model on the test split at the end; False for a study's trials,
+            whose test scores nobody should pick on (the study scores its best, `score_run`).
 
     Raises:
         RunIncomplete: the training ended but the tracking server stayed unreachable for
@@ -355,7 +358,7 @@ def train(cfg: Config, *, overwrite: bool = False, extra_callbacks: Sequence[ker
             result = train_mod.train(cfg, overwrite=overwrite, resume=bool(resume_run_id), owner=run_id,
                                      panel_logger=lambda panels: MLflowLogger(panels, sink),
                                      extra_callbacks=list(extra_callbacks))
-            finish_run(cfg, result, sink, run_id)
+            finish_run(cfg, result, sink, run_id, score_test)
         except BaseException:
             # What was logged before the error still reaches the run. The original error wins: a
             # refusal found here was printed by the sink when it happened.
@@ -385,23 +388,23 @@ def republish(sink: RunSink, run_id: str, rows: Sequence[dict]) -> int:
     return missing
 
 
-def finish_run(cfg: Config, result, sink: RunSink, run_id: str) -> None:
-    """The end of a tracked training: evaluate locally, then upload the pending epochs,
-    `best_<monitor>`, config, history files, evaluation and model, retrying while the server is
-    down, up to $SEG_MLOPS_SERVER_WAIT seconds in all; past that, RunIncomplete."""
-    from seg_mlops import evaluate, losses
+def finish_run(cfg: Config, result, sink: RunSink, run_id: str, score_test: bool = True) -> None:
+    """The end of a tracked training: evaluate locally (unless not `score_test`), then upload the
+    pending epochs, `best_<monitor>`, config, history files, model and evaluation, retrying while
+    the server is down, up to $SEG_MLOPS_SERVER_WAIT seconds in all; past that, RunIncomplete."""
+    from seg_mlops import losses
 
     out = result.output_dir
     values = result.history[cfg.train.monitor]
     best = losses.best_value(values, cfg.train.monitor)
     # local files first: they never need the server; the config as trained (mask encoding decided)
     trained = result.cfg or cfg
-    results = evaluate.evaluate(result.model, trained, out)
-    table, worst = run_page.review(result.model, trained, out)
+    scores = test_scores(result.model, trained, out) if score_test else None
     datasets = run_page.split_datasets(trained, result.profile) if result.profile is not None else {}
     end_tags = {"seg_mlops.replicas": str(result.replicas),
                 "seg_mlops.global_batch_size": str(result.replicas * cfg.train.batch_size),
-                run_page.NOTE_TAG: run_page.run_description(trained, result.profile, result.history, results)}
+                run_page.NOTE_TAG: run_page.run_description(trained, result.profile, result.history,
+                                                            scores[0] if scores else {})}
     if result.profile is not None:
         end_tags[MASK_ENCODING_TAG] = result.profile.encoding
     model_uri: list[str] = []  # the logged model's URI once uploaded (its id links the test metrics)
@@ -417,10 +420,9 @@ def finish_run(cfg: Config, result, sink: RunSink, run_id: str) -> None:
                                                       "dataset_profile.json"])),
         ("datasets", lambda: datasets and run_page.log_datasets(datasets)),
         ("model", lambda: model_uri.append(log_model(result.model, result.cfg or cfg))),
-        ("evaluation", lambda: log_evaluation(results, out, dataset=datasets.get("test"),
-                                              model_id=_model_id(model_uri[-1]))),
-        ("per-image review", lambda: run_page.log_review(table, worst)),
     ]
+    if scores is not None:
+        steps.append(("evaluation", lambda: log_test_scores(scores, out, datasets.get("test"), model_uri[-1])))
     for what, upload in steps:
         done, _ = sink.call(what, upload, deadline)
         if not done:
@@ -428,6 +430,50 @@ def finish_run(cfg: Config, result, sink: RunSink, run_id: str) -> None:
                 f"run {run_id} is incomplete: tracking server {tracking_uri()} unreachable for {wait:.0f} s "
                 f"({what} not uploaded); the model and files are kept in {out}; when the server is back, "
                 f"upload them with: seg-mlops train --resume {run_id}")
+
+
+def test_scores(model, cfg: Config, out: Path) -> tuple[dict[str, float], dict, list]:
+    """The test split's scores (evaluate.py: evaluation.csv, per_image.csv in `out`) and the
+    per-image review table with its worst images (run_page.review)."""
+    from seg_mlops import evaluate
+
+    results = evaluate.evaluate(model, cfg, out)
+    table, worst = run_page.review(model, cfg, out)
+    return results, table, worst
+
+
+def log_test_scores(scores: tuple[dict[str, float], dict, list], out: Path, dataset, model_uri: str) -> None:
+    """Log what test_scores computed into the active run: `test_*` metrics linked to the test
+    dataset and the logged model, the CSVs, the review table and worst images."""
+    results, table, worst = scores
+    log_evaluation(results, out, dataset=dataset, model_id=_model_id(model_uri))
+    run_page.log_review(table, worst)
+
+
+def score_run(run_id: str) -> dict[str, float]:
+    """Score a FINISHED training run's model on the test split after the fact, into that run (a
+    study scores its best trial so; the trials themselves skip the test split). The run's output
+    folder must still hold its model. Returns the test results; a run already scored is left as
+    it is and its logged `test_*` values are returned."""
+    from seg_mlops import train as train_mod
+
+    run = mlflow.MlflowClient().get_run(run_id)
+    logged = {k.removeprefix("test_"): v for k, v in run.data.metrics.items() if k.startswith("test_")}
+    if logged:
+        return logged
+    out = Path(run.data.tags.get(lifecycle.OUTPUT_TAG, ""))
+    if not (out / train_mod.MODEL_FILE).is_file() or not (out / "config.yaml").is_file():
+        raise SegMlopsError(f"run {run_id}: no model or config.yaml in its output folder {out}; "
+                            "cannot score it on the test split")
+    cfg = config_mod.load(out / "config.yaml")  # the run's own config (a trial's values)
+    trained, profile = data.prepare(cfg)
+    scores = test_scores(load_model(str(out / train_mod.MODEL_FILE)), trained, out)
+    history = {cfg.train.monitor: [m.value for m in mlflow.MlflowClient().get_metric_history(run_id, cfg.train.monitor)]}
+    with mlflow.start_run(run_id=run_id):  # reopened to log into it; ends FINISHED again
+        log_test_scores(scores, out, run_page.split_datasets(trained, profile).get("test"),
+                        run.data.tags.get(MODEL_URI_TAG, ""))
+        mlflow.set_tag(run_page.NOTE_TAG, run_page.run_description(trained, profile, history, scores[0]))
+    return scores[0]
 
 
 def _model_id(model_uri: str) -> str | None:

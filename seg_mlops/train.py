@@ -229,7 +229,10 @@ def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = 
     out_cfg = cfg
     cfg, profile = data.prepare(cfg)  # every file checked, mask encoding decided, foreground present
     # train.batch_size is per replica: each step takes batch_size x replicas images in all.
-    datasets = data.make_datasets(cfg, batch_size=cfg.train.batch_size * distribution.num_replicas_in_sync)
+    global_batch = cfg.train.batch_size * distribution.num_replicas_in_sync
+    datasets = data.make_datasets(cfg, batch_size=global_batch, repeat=True)  # one iterator for all epochs
+    epoch_steps = (data.steps(data.split_pairs(cfg, "train"), global_batch),
+                   data.steps(data.split_pairs(cfg, "valid"), global_batch))
     out = prepare_output(out_cfg, overwrite, resume)
     (out / PROFILE_FILE).write_text(profile.to_json())
     state = _load_state(out, resume, owner)
@@ -245,7 +248,7 @@ def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = 
         if state is not None:
             _restore(model, out, callbacks, state, cfg.train.epochs)
         loggers = [panel_logger(panels)] if panel_logger is not None else []
-        _fit(model, cfg, distribution, datasets, [*callbacks, saver, *loggers, *extra_callbacks],
+        _fit(model, cfg, distribution, datasets, epoch_steps, [*callbacks, saver, *loggers, *extra_callbacks],
              state.epoch if state else 0, progress_verbosity() if verbose is None else verbose)
         model = _finish(model, cfg, out, chief)
     if not chief:
@@ -301,12 +304,14 @@ def _restore(model: keras.Model, out: Path, callbacks: Sequence[keras.callbacks.
     print(f"resuming from epoch {state.epoch + 1} of {epochs} (state in {out / resume_mod.STATE_DIR})")
 
 
-def _fit(model: keras.Model, cfg: Config, distribution, datasets, callbacks: Sequence[keras.callbacks.Callback],
-         initial_epoch: int, verbose: int) -> None:
-    """Keras fit under the strategy, from `initial_epoch` to train.epochs."""
+def _fit(model: keras.Model, cfg: Config, distribution, datasets, epoch_steps: tuple[int, int],
+         callbacks: Sequence[keras.callbacks.Callback], initial_epoch: int, verbose: int) -> None:
+    """Keras fit under the strategy, from `initial_epoch` to train.epochs, on repeated pipelines
+    (`epoch_steps`: train and validation batches per epoch), so Keras keeps one iterator each."""
     train_ds, valid_ds = datasets
     with distribution.scope(), _keras_multi_worker_fixes(model, cfg.train.distribute == "multi_worker"):
         model.fit(train_ds, validation_data=valid_ds, epochs=cfg.train.epochs, initial_epoch=initial_epoch,
+                  steps_per_epoch=epoch_steps[0], validation_steps=epoch_steps[1],
                   callbacks=list(callbacks), verbose=verbose,
                   shuffle=False)  # the dataset shuffles itself (seeded)
 

@@ -201,7 +201,7 @@ def objective(trial: optuna.Trial, cfg: Config, parent_run_id: str) -> float:
         trial_cfg, overwrite=True, run_name=f"trial-{trial.number}", parent_run_id=parent_run_id,
         tags={registry.STUDY_TAG: cfg.experiment, registry.TRIAL_TAG: str(trial.number)},
         extra_callbacks=[_RecordRun(trial), KerasPruningCallback(trial, cfg.train.monitor)],
-        killed_by=(KeyboardInterrupt, optuna.TrialPruned))
+        killed_by=(KeyboardInterrupt, optuna.TrialPruned), score_test=False)  # test: the best only
     trial.set_user_attr(MODEL_URI_ATTR, mlflow.get_run(run_id).data.tags[tracking.MODEL_URI_TAG])
     values = result.history[cfg.train.monitor]
     upload_pictures(trial, cfg, result)
@@ -359,6 +359,7 @@ def run_study(cfg: Config, *, n_trials: int | None = None, timeout: float | None
         else:
             print(f"study '{cfg.experiment}' already has {finished(study)} finished trials (n_trials={n_trials})")
         log_plots(study, client, parent_id)
+        score_best(study, cfg, client, parent_id)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -368,6 +369,20 @@ def run_study(cfg: Config, *, n_trials: int | None = None, timeout: float | None
     finally:
         client.set_terminated(parent_id, status)
     return study
+
+
+def score_best(study: optuna.Study, cfg: Config, client: MlflowClient, parent_id: str) -> None:
+    """Score the study's best trial on the test split, into its run, and copy the numbers to the
+    study run as `best_trial_test_*`. Only the best: trials are chosen on validation, and a test
+    score for every trial would invite picking on test (and cost every trial an evaluation)."""
+    if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        return
+    best = study.best_trial
+    results = tracking.score_run(best.user_attrs[RUN_ID_ATTR])
+    for name, value in results.items():
+        client.log_metric(parent_id, f"best_trial_test_{name}", value)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k in ("dice_coef", "mean_image_dice", "loss"))
+    print(f"best trial {best.number} on the test split: {shown}", flush=True)
 
 
 def log_plots(study: optuna.Study, client: MlflowClient, run_id: str) -> None:

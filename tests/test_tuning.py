@@ -92,6 +92,16 @@ def test_study_with_pruning_nested_runs_and_resume(tiny_cfg, tmp_path):
     assert artifacts == {"optuna/optimization_history.html", "optuna/param_importances.html",
                          "optuna/intermediate_values.html"}
     assert parent.info.status == "FINISHED"
+    # Only the best trial is scored on the test split (into its own run, which stays FINISHED);
+    # the others never see it, pruned or complete.
+    best_run = client.get_run(study.best_trial.user_attrs[tuning.RUN_ID_ATTR])
+    assert best_run.info.status == "FINISHED"
+    assert best_run.data.metrics["test_loss"] == pytest.approx(parent.data.metrics["best_trial_test_loss"])
+    assert "per_image.csv" in {a.path for a in client.list_artifacts(best_run.info.run_id)}
+    for trial in trials:
+        if trial.number != study.best_trial.number:
+            metrics = client.get_run(trial.user_attrs[tuning.RUN_ID_ATTR]).data.metrics
+            assert not [k for k in metrics if k.startswith("test_")], trial.number
     # Each complete trial's pictures are in the study's artifact store (optuna-dashboard shows them):
     # its best epoch's panel and its curves.
     for trial in trials[:2]:
