@@ -165,3 +165,42 @@ def test_cv_interrupted_in_fold_1_then_relaunched(tiny_cfg, tmp_path):
     # A finished cross-validation is not silently trained again.
     with pytest.raises(SegMlopsError, match=r"cross-validation of this config is FINISHED .*--overwrite"):
         crossval.run_cv(cfg)
+
+
+def test_cv_study_prunes_a_bad_trial_between_folds(tiny_cfg, tmp_path):
+    # Same seed -> same initial weights and folds in every trial; lr 1e-9 cannot move val_loss, so
+    # after fold 0 it is worse than the median of the two trials that learn (lr 0.02), and the
+    # median rule (step = fold) stops it before fold 1.
+    import optuna
+
+    from seg_mlops import tuning
+
+    cfg = tiny_cfg("experiment=cv-study", f"tune.storage={tmp_path / 'cv.journal'}", "tune.folds=2",
+                   "tune.epochs=2", "tune.n_trials=3", "train.monitor=val_loss", "train.patience=0",
+                   "train.epoch_infer_count=0", "tune.space={train.learning_rate: [0.02, 1.0e-9]}",
+                   f"tune.artifact_dir={tmp_path / 'pictures'}")
+    study = tuning.load_study(cfg)
+    for lr in (0.02, 0.02, 1e-9):
+        study.enqueue_trial({"train.learning_rate": lr})
+    trials = tuning.run_study(cfg).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert sorted(trials[2].intermediate_values) == [0]  # fold 1 never trained
+
+    client = mlflow.MlflowClient()
+    runs = mlflow.search_runs(experiment_names=["cv-study"], output_format="list")
+    study_run = next(r for r in runs if r.info.run_name == "study-cv-study")
+    assert study_run.data.params["study.folds"] == "2"
+    for trial in trials:
+        trial_run = client.get_run(trial.user_attrs[tuning.RUN_ID_ATTR])
+        assert trial_run.data.tags["mlflow.parentRunId"] == study_run.info.run_id
+        folds = crossval.children(client, trial_run.info.run_id)  # study run -> trial run -> fold runs
+        bests = [folds[i].data.metrics["best_val_loss"] for i in sorted(folds)]
+        assert [trial.intermediate_values[i] for i in sorted(folds)] == pytest.approx(bests)
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            assert trial_run.info.status == "FINISHED" and sorted(folds) == [0, 1]
+            assert trial.value == pytest.approx(np.mean(bests))
+            assert trial_run.data.metrics["cv_mean_val_loss"] == pytest.approx(trial.value)
+            assert trial.user_attrs[tuning.MODEL_URI_ATTR] == trial_run.data.tags[tracking.MODEL_URI_TAG]
+        else:
+            assert trial_run.info.status == "KILLED" and sorted(folds) == [0]
+    assert trials[2].intermediate_values[0] > max(t.intermediate_values[0] for t in trials[:2])  # worse on fold 0
