@@ -213,6 +213,7 @@ def train_fold(cfg: Config, i: int, parent_id: str, run: Run | None, *, overwrit
     """Fold `i`: its FINISHED run as it is, its FAILED/KILLED run continued from its state (the same
     run id), or a new child run of the parent."""
     fold_cfg = fold_config(cfg, i)
+    keras.backend.clear_session()  # the folds share the process: free the previous fold's graph
     if run is not None and run.info.status == "FINISHED":
         print(f"fold {i}: run {run.info.run_id} FINISHED, not retrained")
         return fold_of(i, run, cfg.train.monitor)
