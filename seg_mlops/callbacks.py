@@ -223,12 +223,12 @@ def fixed_files(cfg: Config, images: str, masks: str, count: int) -> list[tuple[
     Args:
         cfg: the experiment config (its valid split is the default).
         images: the images folder; "" for the valid split's images.
-        masks: the masks folder; "" for the valid split's masks when `images` is "" too, else none.
+        masks: the masks folder ("" for none); ignored when `images` is "" (the valid split's own).
         count: how many images.
     """
-    valid_images, valid_masks = cfg.split_dirs("valid")
-    masks = masks or ("" if images else str(valid_masks))
-    files = data.list_images(images or valid_images)[:count]
+    if not images:  # the validation pairs: a carved share of train, or a fold, as the split is made
+        return [(p.image, p.mask) for p in data.split_pairs(cfg, "valid")[:count]]
+    files = data.list_images(images)[:count]
     by_stem = {p.stem: p for p in data.list_images(masks)} if masks else {}
     return [(path, by_stem.get(path.stem)) for path in files]
 

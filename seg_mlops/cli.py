@@ -116,6 +116,9 @@ def train(config_path: str | None, overrides: tuple[str, ...], sets: str, overwr
     from seg_mlops import tracking
     from seg_mlops.losses import best_value
 
+    if cfg is not None and cfg.data.folds and cfg.data.fold == -1 and not resume_run_id:
+        _cross_validate(cfg, overwrite)
+        return
     if resume_run_id:
         cfg = tracking.resume_config(resume_run_id, cfg)
     result, run_id = tracking.train(cfg, overwrite=overwrite, resume_run_id=resume_run_id or None)
@@ -126,6 +129,23 @@ def train(config_path: str | None, overrides: tuple[str, ...], sets: str, overwr
         return
     click.echo(f"best {cfg.train.monitor}={best:.4f} after {len(values)} epochs; model: {result.model_path}")
     click.echo(f"MLflow run {run_id} in experiment '{cfg.experiment}' ({tracking.tracking_uri()})")
+
+
+def _cross_validate(cfg, overwrite: bool) -> None:
+    """k-fold cross-validation (data.folds): per-fold best values, mean ± std, test scores."""
+    import math
+
+    from seg_mlops import crossval, tracking
+
+    result = crossval.run_cv(cfg, overwrite=overwrite)
+    monitor, test = result.monitor, crossval.test_key(result.monitor)
+    for fold in result.folds:
+        score = fold.test.get(test, math.nan)
+        click.echo(f"fold {fold.index}: best {monitor}={fold.best:.4f}, {test}={score:.4f} (run {fold.run_id})")
+    click.echo(f"cross-validation: {monitor} {result.mean:.4f} ± {result.std:.4f} "
+               f"(mean ± sample std over {len(result.folds)} folds)")
+    click.echo(f"fold ensemble: {test}={result.ensemble_test.get(test, math.nan):.4f}; model: {result.model_uri}")
+    click.echo(f"MLflow run {result.parent_run_id} in experiment '{cfg.experiment}' ({tracking.tracking_uri()})")
 
 
 @cli.command()

@@ -53,6 +53,11 @@ class DataConfig:
     # together; "" = every file is its own group.
     valid_fraction: float = _key(0.0, lo=0, hi=0.9)
     valid_group: str = _key("")
+    # K-fold cross-validation (seg_mlops.crossval): train and valid are pooled and split into
+    # `folds` seeded folds, whole valid_group groups at a time; 0 = off. `fold` is the fold a run
+    # validates on (its other folds train it); -1 = all folds, one run each (the CV driver).
+    folds: int = _key(0, lo=0)
+    fold: int = _key(-1, lo=-1)
     # Binary masks: foreground = max channel >= mask_threshold ("threshold"), or any non-zero
     # pixel ("nonzero": 0/1 label masks, and what the reference's bool cast did). "auto" decides
     # from the data (data.prepare): masks whose values are all 0 or 1 are labels (nonzero), others
@@ -225,6 +230,9 @@ class TuneConfig:
     # "" = optuna-artifacts beside the journal file (tracking/ for a database). Several machines
     # need one shared folder.
     artifact_dir: str = _key("", path=True)
+    # Cross-validated study: a trial trains this many folds (data.folds), its value is the mean
+    # of the folds' best monitored values, and it may be pruned between folds; 0 = off.
+    folds: int = _key(0, lo=0)
 
 
 @dataclass(frozen=True)
@@ -374,12 +382,28 @@ def _validate(cfg: Config) -> Config:
             re.compile(d.valid_group)
         except re.error as exc:
             raise SegMlopsError(f"data.valid_group={d.valid_group!r}: not a regular expression ({exc})") from None
+    _validate_folds(cfg)
     _validate_augment(cfg.augment)
     _validate_space(cfg.tune.space)
     if cfg.train.monitor == "auto":
         monitor = "val_dice_coef" if m.num_classes == 1 else "val_class_dice"
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, monitor=monitor))
     return cfg
+
+
+def _validate_folds(cfg: Config) -> None:
+    """data.folds / data.fold / tune.folds: k-fold needs k >= 2, a fold inside 0..k-1, and its own
+    validation (valid_fraction would carve a second one out of train)."""
+    d = cfg.data
+    for key, k in (("data.folds", d.folds), ("tune.folds", cfg.tune.folds)):
+        if k == 1:
+            raise SegMlopsError(f"{key}=1: cross-validation needs at least 2 folds (0 = off); use e.g. 5")
+        if k and d.valid_fraction:
+            raise SegMlopsError(f"{key}={k} pools train and valid and validates on each fold in turn: "
+                                f"data.valid_fraction={d.valid_fraction:g} has no meaning then; set it to 0")
+    if d.fold != -1 and not 0 <= d.fold < d.folds:
+        raise SegMlopsError(f"data.fold={d.fold} is not a fold of data.folds={d.folds}: use 0..{max(d.folds - 1, 0)}, "
+                            "or -1 for all folds" + ("" if d.folds else " (and set data.folds)"))
 
 
 def check_model(m: ModelConfig) -> None:

@@ -79,7 +79,11 @@ def pair_files(images_dir: str | Path, masks_dir: str | Path) -> list[Pair]:
 
 def split_pairs(cfg: Config, split: str) -> list[Pair]:
     """The pairs of `split`. Without a valid folder and with data.valid_fraction > 0, "valid" is a
-    seeded share of the train folder (whole groups, see data.valid_group) and "train" the rest."""
+    seeded share of the train folder (whole groups, see data.valid_group) and "train" the rest.
+    With data.folds, "valid" is fold data.fold of the pooled train and valid folders and "train"
+    the other folds (see `assign_folds`)."""
+    if cfg.data.folds and split in ("train", "valid"):
+        return fold_pairs(cfg, split)
     if cfg.data.valid_fraction and split in ("train", "valid"):
         valid_images, _ = cfg.split_dirs("valid")
         if cfg.data.valid_images or valid_images.is_dir():
@@ -93,6 +97,55 @@ def split_pairs(cfg: Config, split: str) -> list[Pair]:
         raise SegMlopsError(f"no validation split: {images_dir} not found; add it, or set "
                             "data.valid_fraction: 0.2 to carve one out of train")
     return pair_files(images_dir, masks_dir)
+
+
+def folder_pairs(cfg: Config, split: str) -> list[Pair]:
+    """The pairs the split's folders hold; [] for a valid folder that does not exist (k-fold
+    cross-validation then pools train alone)."""
+    images_dir, masks_dir = cfg.split_dirs(split)
+    if split == "valid" and not images_dir.is_dir() and not cfg.data.valid_images:
+        return []
+    return pair_files(images_dir, masks_dir)
+
+
+def pooled_pairs(cfg: Config) -> list[Pair]:
+    """What k-fold cross-validation splits into folds: the train folder's pairs, then the valid
+    folder's. The test split is never pooled: it stays for the final, unbiased evaluation."""
+    return folder_pairs(cfg, "train") + folder_pairs(cfg, "valid")
+
+
+def fold_pairs(cfg: Config, split: str) -> list[Pair]:
+    """Fold data.fold of the pooled pairs ("valid"), or every other fold ("train")."""
+    if cfg.data.fold < 0:
+        raise SegMlopsError(f"data.folds={cfg.data.folds} with data.fold=-1 trains every fold, one run each: "
+                            "run it with seg-mlops train (seg_mlops.crossval), or set data.fold to one fold")
+    pairs = pooled_pairs(cfg)
+    folds = assign_folds([p.image.stem for p in pairs], cfg.data.folds, cfg.data.valid_group, cfg.seed)
+    return [p for p, f in zip(pairs, folds) if (f == cfg.data.fold) == (split == "valid")]
+
+
+def assign_folds(stems: Sequence[str], k: int, pattern: str, seed: int) -> list[int]:
+    """The fold (0..k-1) of each file stem: whole groups (`group_of(stem, pattern)`), so no group
+    is in two folds. The group names are sorted, shuffled with `seed`, then placed largest first
+    (a stable sort keeps the shuffled order among equal sizes) into the fold holding the fewest
+    files so far (the lowest index on a tie): fold sizes differ by at most the largest group.
+    Depends only on the stems as a set, k, pattern and seed, not on their order."""
+    if k < 2:
+        raise SegMlopsError(f"data.folds={k}: cross-validation needs at least 2 folds")
+    groups: dict[str, int] = {}
+    for group in (group_of(stem, pattern) for stem in stems):
+        groups[group] = groups.get(group, 0) + 1
+    if len(groups) < k:
+        raise SegMlopsError(f"data.folds={k} needs at least {k} groups, but the {len(stems)} pooled train+valid "
+                            f"files form {len(groups)} (data.valid_group={pattern!r}); use fewer folds or add data")
+    order = sorted(groups)
+    np.random.default_rng(seed).shuffle(order)
+    order.sort(key=lambda g: -groups[g])
+    sizes, fold_of = [0] * k, {}
+    for group in order:
+        fold_of[group] = sizes.index(min(sizes))
+        sizes[fold_of[group]] += groups[group]
+    return [fold_of[group_of(stem, pattern)] for stem in stems]
 
 
 def group_of(stem: str, pattern: str) -> str:
@@ -132,10 +185,13 @@ def _names(names: Sequence[str], limit: int = 10) -> str:
 
 def fingerprint(cfg: Config, splits: Sequence[str] = SPLITS) -> str:
     """Hash of the sorted file names and sizes of every split (or of `splits`): identifies the
-    dataset version (one split's version with one split)."""
+    dataset version (one split's version with one split). With data.folds, the whole dataset is
+    hashed as its folders hold it: every fold run, the cross-validation and a plain run on the same
+    folders share one fingerprint (which fold validates is config, in the params)."""
     digest = hashlib.sha256()
+    whole = cfg.data.folds and {"train", "valid"} <= set(splits)
     for split in splits:
-        for pair in split_pairs(cfg, split):
+        for pair in folder_pairs(cfg, split) if whole else split_pairs(cfg, split):
             for path in (pair.image, pair.mask):
                 digest.update(f"{split}/{path.parent.name}/{path.name}:{path.stat().st_size}\n".encode())
     return digest.hexdigest()[:16]

@@ -12,7 +12,7 @@ import keras
 from seg_mlops.config import ModelConfig, check_model
 from seg_mlops.errors import SegMlopsError
 
-__all__ = ["build_unet", "check_args", "kernel_sizes", "dilations"]
+__all__ = ["build_unet", "check_args", "kernel_sizes", "dilations", "average_models"]
 
 
 def kernel_sizes(base_kernels: int, num_layers: int) -> list[int]:
@@ -171,3 +171,26 @@ def build_unet(**kwargs) -> keras.Model:
         num_classes, (1, 1), activation=head_activation, dtype="float32", name="head"
     )(x)
     return keras.Model(inputs, outputs, name="unet")
+
+
+def average_models(models: list[keras.Model], name: str = "fold_ensemble") -> keras.Model:
+    """One model whose output is the mean of `models`' outputs (probabilities, before any
+    threshold or argmax): a fold ensemble. Same contract as each of them: raw 0..255 pixels in,
+    probabilities out, so evaluation, inference, serving and model logging take it unchanged.
+
+    Args:
+        models: two or more models with the same input and output shapes (e.g. the fold models of
+            a cross-validation); each keeps its own weights, nested as a layer named member_<i>.
+        name: the ensemble model's name.
+    """
+    if len(models) < 2:
+        raise SegMlopsError(f"an ensemble needs at least 2 models, got {len(models)}")
+    shapes = {(tuple(m.input_shape[1:]), tuple(m.output_shape[1:])) for m in models}
+    if len(shapes) > 1:
+        raise SegMlopsError(f"cannot average models of different input/output shapes: {sorted(shapes)}")
+    inputs = keras.Input(shape=models[0].input_shape[1:], dtype="float32", name="image")
+    # Each member under its own name: nested models share layer names inside (enc0_conv1...),
+    # which is fine, but the members themselves must differ for the functional graph.
+    members = [keras.Model(m.input, m.output, name=f"member_{i}") for i, m in enumerate(models)]
+    outputs = keras.layers.Average(dtype="float32", name="mean_probabilities")([m(inputs) for m in members])
+    return keras.Model(inputs, outputs, name=name)

@@ -111,7 +111,9 @@ def trial_config(cfg: Config, values: dict[str, Any], number: int) -> Config:
     SegMlopsError for combinations the model cannot be built with (checked before training)."""
     trial_cfg = config_mod.override(cfg, {
         **values, "train.epochs": cfg.tune.epochs,
-        "train.output_dir": str(cfg.output_dir / "trials" / f"trial-{number:04d}")})
+        "train.output_dir": str(cfg.output_dir / "trials" / f"trial-{number:04d}"),
+        # tune.folds decides: a cross-validated trial (all folds), or one run on the valid split
+        "data.folds": cfg.tune.folds, "data.fold": -1})
     check_args(**dataclasses.asdict(trial_cfg.model))
     return trial_cfg
 
@@ -143,6 +145,15 @@ def make_storage(cfg: Config) -> optuna.storages.BaseStorage:
 
 
 def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
+    """The pruner of tune.pruner. Its steps are epochs, or folds in a cross-validated study
+    (tune.folds): there a trial is compared with the others on the same fold, from the first fold
+    on (see bench/cv_pruners.py for why the median rule and not Optuna's WilcoxonPruner)."""
+    if cfg.tune.folds:
+        if cfg.tune.pruner == "median":
+            return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+        if cfg.tune.pruner == "hyperband":
+            return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=cfg.tune.folds)
+        return optuna.pruners.NopPruner()
     if cfg.tune.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=cfg.tune.warmup_epochs)
     if cfg.tune.pruner == "hyperband":
@@ -197,6 +208,8 @@ def objective(trial: optuna.Trial, cfg: Config, parent_run_id: str) -> float:
         trial.set_user_attr("invalid", str(exc))
         raise optuna.TrialPruned(f"invalid combination: {exc}") from None
     keras.backend.clear_session()  # trials share the process: free the previous graph
+    if cfg.tune.folds:
+        return cv_objective(trial, cfg, trial_cfg, parent_run_id)
     result, run_id = tracking.train(
         trial_cfg, overwrite=True, run_name=f"trial-{trial.number}", parent_run_id=parent_run_id,
         tags={registry.STUDY_TAG: cfg.experiment, registry.TRIAL_TAG: str(trial.number)},
@@ -206,6 +219,31 @@ def objective(trial: optuna.Trial, cfg: Config, parent_run_id: str) -> float:
     values = result.history[cfg.train.monitor]
     upload_pictures(trial, cfg, result)
     return losses.best_value(values, cfg.train.monitor)
+
+
+def cv_objective(trial: optuna.Trial, cfg: Config, trial_cfg: Config, parent_run_id: str) -> float:
+    """A cross-validated trial: its run is the parent of its fold runs (study run -> trial run ->
+    fold runs); each fold's best monitored value is reported at step = fold, the pruner may stop
+    the trial between folds (no per-epoch pruning: the steps are folds), and the value is the mean
+    over the folds. A complete trial logs its fold ensemble like `seg-mlops train` does."""
+    from seg_mlops import crossval
+
+    run_id = crossval.create_parent(trial_cfg, tracking.connect(cfg.experiment), run_name=f"trial-{trial.number}",
+                                    parent_run_id=parent_run_id,
+                                    tags={registry.STUDY_TAG: cfg.experiment, registry.TRIAL_TAG: str(trial.number)})
+    trial.set_user_attr(RUN_ID_ATTR, run_id)
+
+    def report(fold: crossval.Fold) -> None:
+        trial.report(fold.best, step=fold.index)
+        if fold.index < cfg.tune.folds - 1 and trial.should_prune():  # after the last fold: nothing saved
+            raise optuna.TrialPruned(f"pruned after fold {fold.index}: {cfg.train.monitor} {fold.best:.4f}")
+
+    result = crossval.in_parent(trial_cfg, run_id, overwrite=True, after_fold=report,
+                                killed_by=(KeyboardInterrupt, optuna.TrialPruned))
+    trial.set_user_attr(MODEL_URI_ATTR, result.model_uri)
+    trial.set_user_attr("cv_std", result.std)
+    upload(trial, cfg, [trial_cfg.output_dir / "ensemble" / crossval.PLOT_FILE])
+    return result.mean
 
 
 def artifact_dir(cfg: Config) -> Path:
@@ -225,9 +263,6 @@ def upload_pictures(trial: optuna.Trial, cfg: Config, result) -> list[str]:
 
     from seg_mlops.callbacks import composite
 
-    folder = artifact_dir(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
-    store = optuna.artifacts.FileSystemArtifactStore(str(folder))
     out = result.output_dir
     values = result.history[cfg.train.monitor]
     best = losses.best_value(values, cfg.train.monitor)
@@ -240,6 +275,13 @@ def upload_pictures(trial: optuna.Trial, cfg: Config, result) -> list[str]:
             Image.fromarray(composite(panels)).save(out / "best_epoch_panels.png")
             files.append(out / "best_epoch_panels.png")
     files += [out / name for name in ("train_metrics.png", "train_losses.png") if (out / name).is_file()]
+    return upload(trial, cfg, files)
+
+
+def upload(trial: optuna.Trial, cfg: Config, files: list[Path]) -> list[str]:
+    """Upload PNG files to the study's artifact store, attached to `trial`; returns their names."""
+    artifact_dir(cfg).mkdir(parents=True, exist_ok=True)
+    store = optuna.artifacts.FileSystemArtifactStore(str(artifact_dir(cfg)))
     for path in files:
         optuna.artifacts.upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial,
                                          mimetype="image/png")
@@ -338,6 +380,7 @@ def run_study(cfg: Config, *, n_trials: int | None = None, timeout: float | None
         client.set_tag(parent_id, key, value)
     for key, value in {"study.name": cfg.experiment, "study.storage": url, "study.sampler": cfg.tune.sampler,
                        "study.pruner": cfg.tune.pruner, "study.epochs_per_trial": cfg.tune.epochs,
+                       "study.folds": cfg.tune.folds,
                        "study.n_trials": n_trials, "study.space": cfg.tune.space}.items():
         client.log_param(parent_id, key, str(value))
 

@@ -16,7 +16,7 @@ LAYERS = (
      "epoch_clock"),  # one concept each
     ("infer", "resume", "tiled_dataset", "evaluate", "train", "callbacks"),  # one model, one job
     ("serving", "batch", "tracking", "spool", "lifecycle", "servers", "registry", "tuning",
-     "run_page"),  # MLflow, Optuna, their servers
+     "run_page", "crossval"),  # MLflow, Optuna, their servers
     ("cli",),
 )
 LAYER = {module: level for level, modules in enumerate(LAYERS) for module in modules}
