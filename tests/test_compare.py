@@ -193,9 +193,11 @@ def test_usage_errors_are_one_line(trained):
 
 
 def test_study_seeded_trial_against_best_trial(tiny_cfg, tmp_path):
-    # The hand-picked config learns nothing (lr 1e-9); the study's other trial learns (lr 0.02).
+    # The hand-picked config learns nothing (lr 1e-9); the study's other trial learns (lr 0.02), so
+    # it is the best trial on val_loss (as in test_tuning; the dice of 2 epochs is not reliable).
     cfg = tiny_cfg("experiment=cmp-study", f"tune.storage={tmp_path / 'study.journal'}", "tune.epochs=2",
                    "tune.n_trials=2", "train.learning_rate=1.0e-9", "train.patience=0", "gate.resamples=2000",
+                   "train.monitor=val_loss",
                    "tune.space={train.learning_rate: [1.0e-9, 0.02]}", "tune.pruner=none")
     from seg_mlops import tuning
 
