@@ -394,16 +394,19 @@ def dashboard(config_path: str, overrides: tuple[str, ...], host: str, port: int
 def demo(config_path: str, overrides: tuple[str, ...], sets: str) -> None:
     """The main job: synthetic data -> tracked training -> registry -> masks for the test images."""
     cfg = _load(config_path, overrides, sets)
-    from seg_mlops import registry, synthetic, tracking
+    from seg_mlops import compare, registry, synthetic, tracking
     from seg_mlops.infer import infer_folder
 
     if not Path(cfg.data.root, "train").is_dir():
         synthetic.make_dataset(cfg.data.root)
         click.echo(f"made the synthetic demo dataset in {cfg.data.root}")
     result, run_id = tracking.train(cfg, overwrite=True)  # the demo's own folder: rerunning replaces it
-    r = registry.register_best(cfg, run_id=run_id)
-    click.echo(f"{r.name} version {r.version}: {r.metric}={r.value:.4f}"
-               + (" -> champion" if r.promoted else f" ({r.reason})"))
+    try:
+        r = registry.register_best(cfg, run_id=run_id)
+        click.echo(f"{r.name} version {r.version}: {r.metric}={r.value:.4f}"
+                   + (" -> champion" if r.promoted else f" ({r.reason})"))
+    except compare.NotComparable as exc:  # the champion was trained on other data: the masks still follow
+        click.echo(f"not registered: {exc}")
     images, _ = cfg.split_dirs("test")
     written = infer_folder(result.model, images, result.output_dir / "infer", palette=cfg.palette(),
                            threshold=cfg.infer.threshold, colorize_masks=True, overlays=True)

@@ -104,7 +104,10 @@ def compare(a, b, *, confidence: float = 0.95, resamples: int = 10000, seed: int
     a, b = a[both], b[both]
     d = b - a
     low, high = bootstrap_interval(d, confidence, resamples, seed)
-    mean = (lambda x: float(x.mean()) if x.size else float("nan"))
-    return Paired(n=int(d.size), skipped=int((~both).sum()), mean_a=mean(a), mean_b=mean(b),
-                  difference=mean(d), ci_low=low, ci_high=high, p_value=wilcoxon_p(d),
+    return Paired(n=int(d.size), skipped=int((~both).sum()), mean_a=_mean(a), mean_b=_mean(b),
+                  difference=_mean(d), ci_low=low, ci_high=high, p_value=wilcoxon_p(d),
                   confidence=confidence, resamples=resamples, seed=seed)
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(values.mean()) if values.size else float("nan")

@@ -149,6 +149,33 @@ def test_a_run_against_its_own_version_differs_by_exactly_zero(trained):
         assert float(mine["difference"]) == 0.0
 
 
+def test_register_keeps_an_identical_copy_as_candidate(trained):
+    # A second run holding the same network (identical weights) and the trained run's data tag:
+    # registered, compared with the champion (the trained run), difference exactly 0.
+    run_id = trained["run_id"]
+    registry.register_best(trained["cfg"], run_id=run_id)  # version 1, champion (if not yet)
+    source = mlflow.get_run(run_id)
+    with mlflow.start_run(experiment_id=tracking.connect("cmp"), run_name="copy") as copy:
+        mlflow.log_params({k: v for k, v in source.data.params.items() if k.startswith(("model.", "data."))})
+        mlflow.set_tag("seg_mlops.dataset_fingerprint", source.data.tags["seg_mlops.dataset_fingerprint"])
+        mlflow.log_metric("best_val_dice_coef", source.data.metrics["best_val_dice_coef"])
+        tracking.log_model(tracking.load_model(source.data.tags[tracking.MODEL_URI_TAG]))
+    out = run("register", "--config", trained["yaml"], "--run-id", copy.info.run_id).output
+    # ours, without data.prepare's note and MLflow's registration messages (stderr, in any order)
+    lines = [line for line in out.splitlines()
+             if not line.startswith(("masks: ", "Created version", "Registered model"))]
+    assert lines[0].startswith(f"seg-cmp version 2: val_dice_coef=") and lines[0].endswith("is candidate")
+    assert lines[1] == "paired test comparison, A = champion, B = version 2:"
+    rows = table("\n".join(lines[2:]))
+    assert (rows["difference B - A"], rows["95% interval"].split(" (")[0]) == ("+0.0000", "[+0.0000, +0.0000]")
+    assert lines[-1].startswith("not promoted: stays candidate: not significantly better than champion version 1 "
+                                "(the interval must lie above 0): mean per-image test dice")
+    assert lines[-1].endswith("n=4 images (0 skipped), Wilcoxon p=1 (use --force to override)")
+    client = mlflow.MlflowClient()
+    assert int(client.get_model_version_by_alias("seg-cmp", "champion").version) == 1
+    assert client.get_model_version("seg-cmp", "2").tags["gate_decision"] == "candidate"
+
+
 def test_a_model_predicting_nothing_is_clearly_worse(trained):
     run_id = trained["run_id"]
     trained_dice = [float(r["dice"]) for r in artifact_rows(run_id, "per_image.csv")]
