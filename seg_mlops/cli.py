@@ -293,10 +293,12 @@ def make_tiles(images: str, masks: str, tile: int, output: str, overlap: int, wh
 @click.option("--run-id", default=None, help="Register this run instead of the experiment's best.")
 @click.option("--from-study", is_flag=True, help="Register the best trial of the dataset's Optuna study.")
 @click.option("--force", type=click.BOOL, default=False, is_flag=False, flag_value=True,
-              help="Make it champion even if it is not better (--force, or --force true|false).")
+              help="Make it champion even if it is not better or not comparable (other data or classes) "
+                   "(--force, or --force true|false).")
 def register(config_path: str, overrides: tuple[str, ...], metric: str, run_id: str | None,
              from_study: bool, force: bool) -> None:
-    """Register the experiment's best run as seg-<experiment>; alias champion if it is better."""
+    """Register the experiment's best run as seg-<experiment>; alias champion if it is
+    significantly better than the champion on the test split (paired per image)."""
     cfg = _load(config_path, overrides)
     from seg_mlops import registry
 
@@ -306,10 +308,48 @@ def register(config_path: str, overrides: tuple[str, ...], metric: str, run_id: 
         run_id = tuning.best_trial_run_id(cfg)
     r = registry.register_best(cfg, metric=metric or None, force=force, run_id=run_id)
     click.echo(f"{r.name} version {r.version}: {r.metric}={r.value:.4f} (run {r.run_id}) is candidate")
+    if r.comparison is not None:
+        click.echo(f"paired test comparison, A = champion, B = version {r.version}:")
+        click.echo(r.comparison.table())
     if r.promoted:
-        click.echo(f"promoted to champion: models:/{r.name}@champion")
+        click.echo(f"promoted to champion: models:/{r.name}@champion ({r.reason})")
     else:
-        click.echo(f"not promoted: champion has {r.metric}={r.previous_champion:.4f} (use --force to override)")
+        click.echo(f"not promoted: {r.reason} (use --force to override)")
+
+
+@cli.command()
+@config_option
+@set_option
+@sets_option
+@click.argument("models", nargs=-1, metavar="[A B]")
+@click.option("--study", is_flag=True,
+              help="Compare the study's seeded trial (the config's own values) with its best trial.")
+@click.option("--force", is_flag=True, help="Compare models trained on other data or classes anyway.")
+@click.option("--no-log", is_flag=True, help="Print only: no MLflow run (with the per-image CSV) is logged.")
+def compare(config_path: str, overrides: tuple[str, ...], sets: str, models: tuple[str, ...], study: bool,
+            force: bool, no_log: bool) -> None:
+    """Is B better than A on the config's test split? Per-image dice, paired (bootstrap interval
+    of the mean difference B - A, Wilcoxon p). A and B: run ids, runs:/ or models:/ URIs
+    (models:/seg-<experiment>@champion), or .keras files."""
+    cfg = _load(config_path, overrides, sets)
+    if study == bool(models) or (models and len(models) != 2):
+        raise SegMlopsError("compare needs two models (A B) or --study")
+    from seg_mlops import compare as compare_mod
+
+    if study:
+        from seg_mlops import tuning
+
+        (seed, seed_run), (best, best_run) = tuning.seed_and_best_run_ids(cfg)
+        click.echo(f"study '{cfg.experiment}': A = trial {seed} (the config's own values), B = best trial {best}"
+                   + (" (the same trial: the config's values are the best found)" if seed == best else ""))
+        models = (seed_run, best_run)
+    a, b = (compare_mod.resolve(ref) for ref in models)
+    result = compare_mod.compare(cfg, a, b, force=force)
+    click.echo(result.table())
+    if not no_log:
+        run_id = compare_mod.log_run(cfg, result)
+        click.echo(f"MLflow run {run_id} (compare) in experiment '{cfg.experiment}': per-image scores in "
+                   "compare_per_image.csv")
 
 
 @cli.command()
@@ -374,16 +414,19 @@ def dashboard(config_path: str, overrides: tuple[str, ...], host: str, port: int
 def demo(config_path: str, overrides: tuple[str, ...], sets: str) -> None:
     """The main job: synthetic data -> tracked training -> registry -> masks for the test images."""
     cfg = _load(config_path, overrides, sets)
-    from seg_mlops import registry, synthetic, tracking
+    from seg_mlops import compare, registry, synthetic, tracking
     from seg_mlops.infer import infer_folder
 
     if not Path(cfg.data.root, "train").is_dir():
         synthetic.make_dataset(cfg.data.root)
         click.echo(f"made the synthetic demo dataset in {cfg.data.root}")
     result, run_id = tracking.train(cfg, overwrite=True)  # the demo's own folder: rerunning replaces it
-    r = registry.register_best(cfg, run_id=run_id)
-    click.echo(f"{r.name} version {r.version}: {r.metric}={r.value:.4f}"
-               + (" -> champion" if r.promoted else f" (champion stays at {r.previous_champion:.4f})"))
+    try:
+        r = registry.register_best(cfg, run_id=run_id)
+        click.echo(f"{r.name} version {r.version}: {r.metric}={r.value:.4f}"
+                   + (" -> champion" if r.promoted else f" ({r.reason})"))
+    except compare.NotComparable as exc:  # the champion was trained on other data: the masks still follow
+        click.echo(f"not registered: {exc}")
     images, _ = cfg.split_dirs("test")
     written = infer_folder(result.model, images, result.output_dir / "infer", palette=cfg.palette(),
                            threshold=cfg.infer.threshold, colorize_masks=True, overlays=True)

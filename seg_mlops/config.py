@@ -236,6 +236,16 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class GateConfig:
+    """The promotion gate and `seg-mlops compare`: two models' per-image test dice, paired, with a
+    bootstrap interval of the mean difference (seeded by the config's `seed`); champion moves only
+    when the interval lies above 0."""
+
+    confidence: float = _key(0.95, lo=0.5, hi=0.999)  # of the interval
+    resamples: int = _key(10000, lo=100)  # bootstrap resamples
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole experiment. `experiment` names the dataset (MLflow experiment, Optuna study)."""
 
@@ -248,6 +258,7 @@ class Config:
     infer: InferConfig = field(default_factory=InferConfig)
     tiled_infer: TiledInferConfig = field(default_factory=TiledInferConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
 
     @property
     def output_dir(self) -> Path:
@@ -269,7 +280,7 @@ class Config:
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
                              "augment": AugmentConfig, "infer": InferConfig,
-                             "tiled_infer": TiledInferConfig, "tune": TuneConfig}
+                             "tiled_infer": TiledInferConfig, "tune": TuneConfig, "gate": GateConfig}
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -495,7 +506,7 @@ def _validate_augment(a: AugmentConfig) -> None:
 def _validate_space(space: Mapping[str, Any]) -> None:
     """Every searched key exists and every choice or bound has the key's own type."""
     searchable = {f"{name}.{f.name}": (typing.get_type_hints(section)[f.name], f.metadata)
-                  for name, section in SECTIONS.items() if name != "tune"
+                  for name, section in SECTIONS.items() if name not in ("tune", "gate")
                   for f in dataclasses.fields(section)}
     for key, spec in space.items():
         where = f"tune.space.{key}"

@@ -63,14 +63,40 @@ def evaluate(model, cfg: Config, out_dir: str | Path) -> dict[str, float]:
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.data.binary_mask == "auto":  # evaluated on its own (seg-mlops evaluate): decide from test
+    cfg, pairs = scoring_split(cfg)
+    dataset = data.make_dataset(pairs, cfg, batch_size=cfg.train.batch_size, shuffle=False)
+    results = soft_scores(model, cfg, dataset)
+    rows, split_counts = hard_scores(model, cfg, pairs, dataset)
+    return summarise(results, rows, split_counts, cfg, out_dir)
+
+
+def scoring_split(cfg: Config) -> tuple[Config, list]:
+    """The test split's pairs, validated, and the config to read them with (a binary mask
+    encoding left "auto" is decided from the test split: evaluated on its own, e.g. seg-mlops
+    evaluate or compare)."""
+    if cfg.data.binary_mask == "auto":
         cfg, _ = data.prepare(cfg, ("test",))
     else:
         data.validate(data.split_pairs(cfg, "test"), cfg)
-    pairs = data.split_pairs(cfg, "test")
-    dataset = data.make_dataset(pairs, cfg, batch_size=cfg.train.batch_size, shuffle=False)
-    results = soft_scores(model, cfg, dataset)
+    return cfg, data.split_pairs(cfg, "test")
 
+
+def per_image(model, cfg: Config, pairs: list) -> list[dict]:
+    """The per-image rows of `model` on `pairs` (as per_image.csv holds them: `image`, `dice`
+    NaN when the truth has no foreground, ...), without writing files or the soft pass.
+
+    Args:
+        model: the Keras network.
+        cfg: as `scoring_split` returned it.
+        pairs: the pairs `scoring_split` returned.
+    """
+    dataset = data.make_dataset(pairs, cfg, batch_size=cfg.train.batch_size, shuffle=False)
+    return hard_scores(model, cfg, pairs, dataset)[0]
+
+
+def hard_scores(model, cfg: Config, pairs: list, dataset) -> tuple[list[dict], np.ndarray]:
+    """(per-image rows, (3, channels) intersection/truth/predicted pixel counts over the split) of
+    the hard masks of `model` on `dataset` (the batches of `pairs`, in order)."""
     split_counts, rows = 0, []
     for x, y in dataset:
         hard_t, hard_p = hard_masks(y.numpy(), np.asarray(model.predict_on_batch(x), np.float32), cfg)
@@ -78,7 +104,7 @@ def evaluate(model, cfg: Config, out_dir: str | Path) -> dict[str, float]:
         counts = np.stack([(hard_t & hard_p).sum((1, 2)), hard_t.sum((1, 2)), hard_p.sum((1, 2))])
         split_counts = split_counts + counts.sum(1)  # (3, channels) over the split
         rows += [image_row(pairs[len(rows) + j].image.name, *counts[:, j], cfg) for j in range(counts.shape[1])]
-    return summarise(results, rows, split_counts, cfg, out_dir)
+    return rows, split_counts
 
 
 def image_row(name: str, inter: np.ndarray, truth: np.ndarray, pred: np.ndarray, cfg: Config) -> dict:

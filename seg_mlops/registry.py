@@ -2,9 +2,11 @@
 
 The registered model is the run's segmentation pipeline (serving.py: encoded images of any size
 in, masks out); runs that logged only the raw Keras network register that. Aliases: `candidate`
-is the latest registered version; `champion` moves only when the candidate beats it on the
-monitored metric (or when forced). Serving and inference load
-`models:/seg-<experiment>@champion`, so they follow promotions without a code change.
+is the latest registered version; `champion` moves only when the candidate is significantly
+better than it on the same test images (seg_mlops.compare: per-image dice, paired, bootstrap
+interval above 0), or when forced. The monitored (validation) metric only picks which run is the
+candidate. Serving and inference load `models:/seg-<experiment>@champion`, so they follow
+promotions without a code change.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
-from seg_mlops import losses, tracking
+from seg_mlops import compare, losses, tracking
 from seg_mlops.config import Config
 from seg_mlops.errors import SegMlopsError
 
@@ -26,6 +28,9 @@ CANDIDATE = "candidate"
 # Run tags that tuning sets on trial runs; copied to the version so it says which trial it is.
 STUDY_TAG = "seg_mlops.study"
 TRIAL_TAG = "seg_mlops.trial"
+# The version tags the gate writes (gate_decision and gate_reason always, the numbers when compared).
+GATE_NUMBERS = ("gate_mean_dice_champion", "gate_mean_dice_candidate", "gate_difference", "gate_ci_low",
+                "gate_ci_high", "gate_confidence", "gate_n", "gate_skipped", "gate_p_value", "compared_with")
 # Only training runs that finished and logged a model can be registered.
 _REGISTRABLE = f"attributes.status = 'FINISHED' and tags.`{tracking.MODEL_URI_TAG}` IS NOT NULL"
 
@@ -37,7 +42,10 @@ class RegisterResult:
     `promoted` is True when the version is the champion after the call (newly promoted, or
     already champion when the same run is registered again); `previous_champion` is the
     champion's value of `metric` before the call, None when there was none (or it had
-    no value of `metric`: registered by hand, or under a metric its run lacks).
+    no value of `metric`: registered by hand, or under a metric its run lacks): for information,
+    the gate decides on the test comparison. `decision` is first | promoted | candidate | forced |
+    already-champion, `reason` the sentence saying why, `comparison` the paired test comparison
+    (A = the champion, B = this version) when one was made.
     """
 
     name: str
@@ -48,6 +56,9 @@ class RegisterResult:
     promoted: bool
     previous_champion: float | None
     reused: bool = False  # the run was already a version of the model: no new version made
+    decision: str = ""
+    reason: str = ""
+    comparison: compare.Comparison | None = None
 
 
 def registered_name(experiment: str) -> str:
@@ -135,7 +146,7 @@ def _champion_value(client: MlflowClient, name: str, metric: str):
         raise
     if champion.tags.get("metric") == metric and "metric_value" in champion.tags:
         return champion, float(champion.tags["metric_value"])
-    # Registered under another metric: compare on the same metric, read from its run.
+    # Registered under another metric: its value of this metric, read from its run.
     found = _metric_of(client.get_run(champion.run_id), metric) if champion.run_id else None
     return champion, None if found is None else found[1]
 
@@ -143,25 +154,24 @@ def _champion_value(client: MlflowClient, name: str, metric: str):
 def register_best(cfg: Config, metric: str | None = None, force: bool = False,
                   run_id: str | None = None) -> RegisterResult:
     """Register the experiment's best run (or `run_id`) as `seg-<experiment>`, alias it
-    `candidate`, and promote it to `champion` when it beats the champion.
+    `candidate`, and promote it to `champion` when it is significantly better than the champion
+    on the config's test split (see `gate`).
 
     Args:
-        cfg: the experiment's config (`cfg.experiment`, `cfg.train.monitor`).
-        metric: the metric that ranks runs and gates promotion; default `cfg.train.monitor`.
-        force: make the version champion even when it is not better.
+        cfg: the experiment's config (`cfg.experiment`, `cfg.train.monitor`, the test split,
+            `cfg.gate`).
+        metric: the metric that picks the best run; default `cfg.train.monitor`.
+        force: make the version champion even when it is not better, or not comparable.
         run_id: register this run instead of the best one.
+
+    Raises:
+        compare.NotComparable: the champion was trained on other data or classes (unless force);
+            nothing is registered then.
     """
     metric = metric or cfg.train.monitor
     name = registered_name(cfg.experiment)
-    if run_id is None:
-        run = best_run(cfg.experiment, metric)
-        client = _client()
-    else:
-        client = _client()
-        try:
-            run = client.get_run(run_id)
-        except MlflowException:
-            raise SegMlopsError(f"run {run_id} not found in {tracking.tracking_uri()}") from None
+    client = _client()
+    run = best_run(cfg.experiment, metric) if run_id is None else _get_run(client, run_id)
     # the pipeline (images in, masks out) when the run logged one; runs from before it: the network
     model_uri = run.data.tags.get(tracking.PIPELINE_URI_TAG) or run.data.tags.get(tracking.MODEL_URI_TAG)
     if model_uri is None:
@@ -172,40 +182,99 @@ def register_best(cfg: Config, metric: str | None = None, force: bool = False,
         raise SegMlopsError(f"run {run.info.run_id} has no metric '{metric}'; it has: "
                             f"{', '.join(sorted(run.data.metrics)) or 'no metrics'}")
     key, value = found
-    tags = _version_tags(run, metric, key, value)
 
-    # Read the champion before touching the model: the comparison is against the state before this call.
+    # Decide before touching the model: the comparison is against the champion before this call,
+    # and a refused comparison registers nothing.
     champion, champion_value = _champion_value(client, name, metric)
-    if champion is not None and champion_value is None and not force:
-        raise SegMlopsError(f"champion version {champion.version} of {name} has no '{metric}' to compare "
-                            f"with: pass another metric, or force (--force) to replace it")
     same = client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'")
-    if same:
-        version = same[0]
-        for tag, tag_value in tags.items():  # the run may now be registered under another metric
-            client.set_model_version_tag(name, version.version, tag, tag_value)
-    else:
-        version = mlflow.register_model(model_uri, name, tags=tags)
-    client.update_model_version(name, version.version,
-                                description=model_card(run, name, int(version.version), metric, key, value))
+    already = champion is not None and bool(same) and str(champion.version) == str(same[0].version)
+    decision, reason, comparison = gate(cfg, run, champion, already=already, force=force)
+    tags = {**_version_tags(run, metric, key, value), **_gate_tags(decision, reason, comparison, champion)}
+    version = _set_version(client, name, model_uri, tags, same[0] if same else None)
+    recorded = client.get_model_version(name, version.version).tags  # a reused version keeps its gate tags
+    client.update_model_version(name, version.version, description=model_card(
+        run, name, int(version.version), metric, key, value, gate=recorded))
     client.set_registered_model_alias(name, CANDIDATE, version.version)
-
-    if champion_value is None:
-        better = True  # no champion yet (a champion without the value is only replaced with force)
-    else:
-        better = value < champion_value if losses.monitor_mode(metric) == "min" else value > champion_value
-    already = champion is not None and str(champion.version) == str(version.version)
-    promoted = already or force or better
+    promoted = decision in ("first", "promoted", "forced", "already-champion")
     if promoted and not already:
         client.set_registered_model_alias(name, CHAMPION, version.version)
     return RegisterResult(name=name, version=int(version.version), metric=metric, value=value,
                           run_id=run.info.run_id, promoted=promoted, previous_champion=champion_value,
-                          reused=bool(same))
+                          reused=bool(same), decision=decision, reason=reason, comparison=comparison)
 
 
-def model_card(run: Run, name: str, version: int, metric: str, key: str, value: float) -> str:
-    """The version's description (Markdown): data, classes and colours, input contract, metrics
-    and a copy-paste call, read from the run's params, tags and metrics."""
+def _get_run(client: MlflowClient, run_id: str) -> Run:
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise SegMlopsError(f"run {run_id} not found in {tracking.tracking_uri()}") from None
+
+
+def gate(cfg: Config, run: Run, champion, *, already: bool = False,
+         force: bool = False) -> tuple[str, str, compare.Comparison | None]:
+    """(decision, reason, comparison) of promoting `run` over `champion` (a ModelVersion or None).
+
+    The champion (A) and the run (B) are scored on the config's test split, paired per image;
+    the run is promoted only when the bootstrap interval of the mean per-image dice difference
+    lies above 0 at cfg.gate.confidence. Decisions: `first` (no champion), `already-champion`,
+    `promoted`, `candidate` (not significantly better: stays candidate), `forced`.
+    """
+    if champion is None:
+        return "first", "first version: no champion to compare with", None
+    if already:
+        return "already-champion", f"already champion (version {champion.version})", None
+    against = f"champion version {champion.version}"
+    try:
+        result = compare.compare(cfg, compare.resolve(f"models:/{champion.name}/{champion.version}"),
+                                 compare.from_run(run), force=force)
+    except SegMlopsError as exc:
+        if not force:
+            raise
+        return "forced", f"forced (--force) without a comparison with {against}: {exc}", None
+    s = result.stats
+    interval = "no interval" if s.n < 2 else f"{s.confidence:.1%} interval [{s.ci_low:+.4f}, {s.ci_high:+.4f}]"
+    numbers = (f"mean per-image test dice {s.mean_b:.4f} vs {s.mean_a:.4f}, difference {s.difference:+.4f}, "
+               f"{interval.replace('.0%', '%')}, n={s.n} images ({s.skipped} skipped), Wilcoxon p={s.p_value:.3g}")
+    if s.b_better:
+        return "promoted", f"significantly better than {against}: {numbers}", result
+    if force:
+        return "forced", f"forced (--force) although not significantly better than {against}: {numbers}", result
+    return "candidate", (f"stays candidate: not significantly better than {against} (the interval must lie "
+                         f"above 0): {numbers}"), result
+
+
+def _gate_tags(decision: str, reason: str, comparison: compare.Comparison | None, champion) -> dict[str, str]:
+    """The version tags of a gate decision (none for `already-champion`: its tags stay those of
+    the decision that made it champion)."""
+    if decision == "already-champion":
+        return {}
+    tags = {"gate_decision": decision, "gate_reason": reason}
+    if comparison is not None:
+        s = comparison.stats
+        numbers = (s.mean_a, s.mean_b, s.difference, s.ci_low, s.ci_high, s.confidence, s.n, s.skipped, s.p_value,
+                   champion.version)
+        tags.update({name: repr(v) if isinstance(v, float) else str(v) for name, v in zip(GATE_NUMBERS, numbers)})
+    return tags
+
+
+def _set_version(client: MlflowClient, name: str, model_uri: str, tags: dict[str, str], existing):
+    """A new version of `model_uri` with `tags`, or `existing` (the run's version) re-tagged: the
+    run may now be registered under another metric, and an old comparison's numbers go."""
+    if existing is None:
+        return mlflow.register_model(model_uri, name, tags=tags)
+    for tag, value in tags.items():
+        client.set_model_version_tag(name, existing.version, tag, value)
+    if "gate_decision" in tags:
+        for tag in set(GATE_NUMBERS) & set(existing.tags) - set(tags):
+            client.delete_model_version_tag(name, existing.version, tag)
+    return existing
+
+
+def model_card(run: Run, name: str, version: int, metric: str, key: str, value: float,
+               gate: dict[str, str] | None = None) -> str:
+    """The version's description (Markdown): data, classes and colours, input contract, metrics,
+    the promotion decision (from the version's `gate` tags) and a copy-paste call, read from the
+    run's params, tags and metrics."""
     params, tags = run.data.params, run.data.tags
     pipeline = tracking.PIPELINE_URI_TAG in tags
     classes = int(params.get("model.num_classes", "1"))
@@ -235,6 +304,7 @@ def model_card(run: Run, name: str, version: int, metric: str, key: str, value: 
                   "probabilities out (no pipeline logged by this run)"]
     lines += ["", "## Metrics", "", "| metric | value |", "|---|---|", f"| {key} (ranks versions) | {value:.4f} |"]
     lines += [f"| {k} | {v:.4f} |" for k, v in sorted(run.data.metrics.items()) if k.startswith("test_")]
+    lines += promotion_lines(gate or {})
     uri = f"models:/{name}/{version}"
     lines += ["", "## Call", "", f"    mlflow models serve -m {uri} --env-manager local -p 5001"]
     if pipeline:
@@ -243,6 +313,25 @@ def model_card(run: Run, name: str, version: int, metric: str, key: str, value: 
                   "\"params\": {\"mode\": \"resize\"}}'",
                   f"    seg-mlops batch-infer --model {uri} --images 'slides/**/*.jpg' --output masks/"]
     return "\n".join(lines) + "\n"
+
+
+def promotion_lines(tags: dict[str, str]) -> list[str]:
+    """The model card's Promotion section from a version's gate tags ([] when it has none)."""
+    if "gate_decision" not in tags:
+        return []
+    lines = ["", "## Promotion", "", f"**{tags['gate_decision']}**: {tags['gate_reason']}"]
+    if "gate_difference" not in tags:
+        return lines
+    number = {k: float(tags[k]) for k in GATE_NUMBERS if k != "compared_with"}
+    confidence = f"{number['gate_confidence']:.1%}".replace(".0%", "%")
+    return lines + [
+        "", f"| test split, paired per image | champion version {tags['compared_with']} | this version |",
+        "|---|---|---|",
+        f"| mean per-image dice | {number['gate_mean_dice_champion']:.4f} | {number['gate_mean_dice_candidate']:.4f} |",
+        f"| difference (this - champion) | | {number['gate_difference']:+.4f} |",
+        f"| {confidence} bootstrap interval | | [{number['gate_ci_low']:+.4f}, {number['gate_ci_high']:+.4f}] |",
+        f"| images paired (skipped: no foreground) | | {tags['gate_n']} ({tags['gate_skipped']}) |",
+        f"| Wilcoxon signed-rank p | | {number['gate_p_value']:.3g} |"]
 
 
 def _literal(text: str):

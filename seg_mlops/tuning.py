@@ -31,6 +31,7 @@ from seg_mlops.model import check_args
 RUN_ID_ATTR = "mlflow_run_id"
 MODEL_URI_ATTR = "model_uri"
 FAIL_REASON_ATTR = "fail_reason"
+SEEDED_ATTR = "seeded_from"  # "config" on the trial of the config's own values (the study's first)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # A trial failing with an unexpected error (not a SegMlopsError) ends FAIL and the study goes on:
 # one OOM or numerical blow-up of an extreme trial must not cost the study. This many in a row,
@@ -367,7 +368,7 @@ def run_study(cfg: Config, *, n_trials: int | None = None, timeout: float | None
     study = load_study(cfg)
     check_space(study, cfg)
     if not study.trials and (values := own_values(cfg)) is not None:
-        study.enqueue_trial(values, user_attrs={"seeded_from": "config"})
+        study.enqueue_trial(values, user_attrs={SEEDED_ATTR: "config"})
     experiment_id = tracking.connect(cfg.experiment)
     client = MlflowClient()
     # Under `mlflow run . -e tune` the entry point's run is the parent; trials must not resume it.
@@ -455,3 +456,20 @@ def best_trial_run_id(cfg: Config) -> str:
     except ValueError:
         raise SegMlopsError(f"study '{cfg.experiment}' has no complete trial yet: run seg-mlops tune first") from None
     return best.user_attrs[RUN_ID_ATTR]
+
+
+def seed_and_best_run_ids(cfg: Config) -> tuple[tuple[int, str], tuple[int, str]]:
+    """((number, run id) of the study's seeded trial, the config's own values; (number, run id)
+    of its best trial): what `seg-mlops compare --study` compares on held-out data."""
+    study = load_study(cfg)
+    seeded = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(SEEDED_ATTR) == "config"]
+    if not seeded:
+        raise SegMlopsError(f"study '{cfg.experiment}' has no trial seeded with the config's own values (no "
+                            "trial yet: run seg-mlops tune first; or the config's values lie outside tune.space: "
+                            "compare two runs instead)")
+    seed = seeded[0]
+    if seed.state != TrialState.COMPLETE or RUN_ID_ATTR not in seed.user_attrs:
+        raise SegMlopsError(f"study '{cfg.experiment}': the seeded trial {seed.number} (the config's own values) "
+                            f"ended {seed.state.name}, without a model to compare")
+    best = study.best_trial  # the seeded trial is complete: there is one
+    return (seed.number, seed.user_attrs[RUN_ID_ATTR]), (best.number, best.user_attrs[RUN_ID_ATTR])

@@ -142,19 +142,21 @@ def test_tune_entry_point_then_register_from_study(trained):
         assert trial.value == pytest.approx(run.data.metrics["val_dice_coef"])
 
     # `seg-mlops register --from-study`: the best trial's run becomes version 2 and candidate;
-    # champion only if it beats version 1's value.
+    # champion only if it is significantly better than version 1 on the test images, paired.
     best = study.best_trial
     best_run = best.user_attrs[tuning.RUN_ID_ATTR]
-    champion_value = float(client.get_model_version_by_alias(MODEL, "champion").tags["metric_value"])
     cli = Path(sys.executable).with_name("seg-mlops")
     proc = subprocess.run([str(cli), "register", "--config", str(trained.path), "--from-study"],
                           env=venv_env(MLFLOW_TRACKING_URI=trained.store), capture_output=True, text=True,
                           timeout=300, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{MODEL} version 2: val_dice_coef={best.value:.4f} (run {best_run}) is candidate" in proc.stdout
+    assert "paired test comparison, A = champion, B = version 2:" in proc.stdout
     version = client.get_model_version_by_alias(MODEL, "candidate")
     assert (int(version.version), version.run_id) == (2, best_run)
     assert version.tags["trial"] == str(best.number) and version.tags["study"] == EXPERIMENT
-    promoted = best.value > champion_value
+    assert (version.tags["compared_with"], version.tags["gate_n"]) == ("1", "4")  # the 4 synthetic test images
+    promoted = version.tags["gate_decision"] == "promoted"
+    assert promoted == (float(version.tags["gate_ci_low"]) > 0)  # the rule: the interval above 0
     assert int(client.get_model_version_by_alias(MODEL, "champion").version) == (2 if promoted else 1)
     assert ("promoted to champion" in proc.stdout) == promoted
