@@ -174,7 +174,8 @@ class Comparison:
         s = self.stats
         ci = "n/a" if math.isnan(s.ci_low) else f"[{s.ci_low:+.4f}, {s.ci_high:+.4f}]"
         lines = [("A", self.a.label), ("B", self.b.label),
-                 ("images paired", f"{s.n} ({s.skipped} skipped: no foreground in the truth)"),
+                 ("images paired", f"{s.n} ({s.skipped} skipped: no foreground in the truth)"
+                  + (f"; {s.groups} groups (data.valid_group), resampled whole" if s.groups != s.n else "")),
                  ("mean dice A", f"{s.mean_a:.4f}"), ("mean dice B", f"{s.mean_b:.4f}"),
                  ("difference B - A", f"{s.difference:+.4f}"),
                  (f"{s.confidence:.1%} interval".replace(".0%", "%"),
@@ -195,7 +196,7 @@ class Comparison:
     def metrics(self) -> dict[str, float]:
         """The numbers as MLflow metrics (NaN left out: never logged as a number)."""
         s = self.stats
-        values = {"paired_images": s.n, "skipped_images": s.skipped, "mean_dice_a": s.mean_a,
+        values = {"paired_images": s.n, "paired_groups": s.groups, "skipped_images": s.skipped, "mean_dice_a": s.mean_a,
                   "mean_dice_b": s.mean_b, "difference": s.difference, "ci_low": s.ci_low,
                   "ci_high": s.ci_high, "wilcoxon_p": s.p_value}
         return {k: float(v) for k, v in values.items() if not math.isnan(v)}
@@ -229,8 +230,10 @@ def compare(cfg: Config, a: Source, b: Source, *, force: bool = False) -> Compar
     models = {uri: tracking.load_model(uri) for uri in dict.fromkeys((a.uri, b.uri))}
     rows_a, rows_b = (score(models[source.uri], cfg, pairs) for source in (a, b))
     dice_a, dice_b = [r["dice"] for r in rows_a], [r["dice"] for r in rows_b]
+    # copies of one object (data.valid_group) are one unit of evidence, not one per copy
+    groups = [data.group_of(pair.image.stem, cfg.data.valid_group) for pair in pairs]
     stats = paired.compare(dice_a, dice_b, confidence=cfg.gate.confidence, resamples=cfg.gate.resamples,
-                           seed=cfg.seed)
+                           seed=cfg.seed, groups=groups)
     rows = tuple({"image": r["image"], "dice_a": x, "dice_b": y, "difference": y - x}
                  for r, x, y in zip(rows_a, dice_a, dice_b))
     forced = [f"forced: {problem}" for problem in problems]

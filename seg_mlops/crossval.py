@@ -168,14 +168,15 @@ def ends(run_id: str, killed_by: tuple[type[BaseException], ...]) -> Iterator[No
 
 def in_parent(cfg: Config, parent_id: str, *, overwrite: bool = False,
               fold_callbacks: Callable[[int], Sequence[keras.callbacks.Callback]] | None = None,
-              after_fold: Callable[[Fold], None] | None = None,
+              after_fold: Callable[[Fold], None] | None = None, score_test: bool = True,
               killed_by: tuple[type[BaseException], ...] = (KeyboardInterrupt,)) -> CVResult:
     """Train the folds of `cfg` under `parent_id`, then log the ensemble; the parent ends FINISHED,
-    or KILLED / FAILED when something raises (`after_fold` may: a pruned trial)."""
+    or KILLED / FAILED when something raises (`after_fold` may: a pruned trial). Without
+    `score_test` (a study's trial) neither the fold models nor the ensemble see the test split."""
     with ends(parent_id, killed_by):
         folds = train_folds(cfg, parent_id, overwrite=overwrite, fold_callbacks=fold_callbacks,
-                            after_fold=after_fold)
-        return finish(cfg, parent_id, folds, killed_by)
+                            after_fold=after_fold, score_test=score_test)
+        return finish(cfg, parent_id, folds, killed_by, score_test)
 
 
 # ----------------------------------------------------------------------------- the folds
@@ -190,7 +191,7 @@ def children(client: MlflowClient, parent_id: str) -> dict[int, Run]:
 
 def train_folds(cfg: Config, parent_id: str, *, overwrite: bool = False,
                 fold_callbacks: Callable[[int], Sequence[keras.callbacks.Callback]] | None = None,
-                after_fold: Callable[[Fold], None] | None = None) -> list[Fold]:
+                after_fold: Callable[[Fold], None] | None = None, score_test: bool = True) -> list[Fold]:
     """Each fold in order: skipped when its run FINISHED, resumed when it FAILED or was KILLED,
     trained otherwise; its best value logged on the parent as fold_best_<monitor> at step=fold."""
     client = MlflowClient()
@@ -198,7 +199,8 @@ def train_folds(cfg: Config, parent_id: str, *, overwrite: bool = False,
     folds = []
     for i in range(cfg.data.folds):
         callbacks = list(fold_callbacks(i)) if fold_callbacks else []
-        fold = train_fold(cfg, i, parent_id, found.get(i), overwrite=overwrite, callbacks=callbacks)
+        fold = train_fold(cfg, i, parent_id, found.get(i), overwrite=overwrite, callbacks=callbacks,
+                          score_test=score_test)
         name = f"fold_best_{cfg.train.monitor}"
         if i not in {m.step for m in client.get_metric_history(parent_id, name)}:
             client.log_metric(parent_id, name, fold.best, step=i)
@@ -209,7 +211,7 @@ def train_folds(cfg: Config, parent_id: str, *, overwrite: bool = False,
 
 
 def train_fold(cfg: Config, i: int, parent_id: str, run: Run | None, *, overwrite: bool,
-               callbacks: Sequence[keras.callbacks.Callback]) -> Fold:
+               callbacks: Sequence[keras.callbacks.Callback], score_test: bool = True) -> Fold:
     """Fold `i`: its FINISHED run as it is, its FAILED/KILLED run continued from its state (the same
     run id), or a new child run of the parent."""
     fold_cfg = fold_config(cfg, i)
@@ -224,11 +226,13 @@ def train_fold(cfg: Config, i: int, parent_id: str, run: Run | None, *, overwrit
             print(f"note: fold {i}: {exc}; training it afresh")
         else:
             print(f"fold {i}: continuing run {run.info.run_id} ({run.info.status})")
-            _, run_id = tracking.train(resumed, resume_run_id=run.info.run_id, extra_callbacks=callbacks)
+            _, run_id = tracking.train(resumed, resume_run_id=run.info.run_id, extra_callbacks=callbacks,
+                                       score_test=score_test)
             return fold_of(i, MlflowClient().get_run(run_id), cfg.train.monitor)
     print(f"fold {i} of {cfg.data.folds}: training")
     _, run_id = tracking.train(fold_cfg, overwrite=overwrite or run is not None, run_name=f"fold-{i}",
-                               parent_run_id=parent_id, tags={FOLD_TAG: str(i)}, extra_callbacks=callbacks)
+                               parent_run_id=parent_id, tags={FOLD_TAG: str(i)}, extra_callbacks=callbacks,
+                               score_test=score_test)
     return fold_of(i, MlflowClient().get_run(run_id), cfg.train.monitor)
 
 
@@ -260,9 +264,10 @@ def decided(cfg: Config, folds: Sequence[Fold]) -> Config:
 
 
 def finish(cfg: Config, parent_id: str, folds: list[Fold],
-           killed_by: tuple[type[BaseException], ...] = (KeyboardInterrupt,)) -> CVResult:
+           killed_by: tuple[type[BaseException], ...] = (KeyboardInterrupt,), score_test: bool = True) -> CVResult:
     """Log on the parent: cv_mean/cv_std of the folds' best values, the summary plot, the fold
-    ensemble (model + pipeline), its test evaluation and cv_summary.csv; the parent ends FINISHED."""
+    ensemble (model + pipeline), its test evaluation (when `score_test`) and cv_summary.csv; the
+    parent ends FINISHED."""
     monitor = cfg.train.monitor
     bests = [fold.best for fold in folds]
     mean, std = float(np.mean(bests)), float(np.std(bests, ddof=1))
@@ -273,13 +278,14 @@ def finish(cfg: Config, parent_id: str, folds: list[Fold],
     from seg_mlops import evaluate
 
     trained = decided(cfg, folds)
-    results = evaluate.evaluate(ensemble, trained, out)  # local first: it never needs the server
+    results = evaluate.evaluate(ensemble, trained, out) if score_test else {}  # local: no server needed
     plot_summary(bests, monitor, out / PLOT_FILE)
     write_summary(folds, results, monitor, parent_id, out / SUMMARY_FILE)
     with tracking.start_run(cfg, run_id=parent_id, killed_by=killed_by):
         mlflow.log_metrics({f"cv_mean_{monitor}": mean, f"cv_std_{monitor}": std})
         model_uri = tracking.log_model(ensemble, trained)
-        tracking.log_evaluation(results, out, model_id=tracking._model_id(model_uri))
+        if score_test:
+            tracking.log_evaluation(results, out, model_id=tracking.model_id(model_uri))
         tracking.log_artifacts(out, [SUMMARY_FILE, PLOT_FILE])
     return CVResult(parent_id, monitor, folds, mean, std, {f"test_{k}": v for k, v in results.items()}, model_uri)
 

@@ -6,6 +6,11 @@ or symmetry of the differences, and "B is better" means the whole interval lies 
 Wilcoxon's signed-rank p-value (scipy) is reported beside it, as a second opinion that does not
 depend on resampling; it does not decide. With few images the percentile interval is optimistic
 (too narrow): the image count is always reported with it.
+
+Images are not always independent: Herlev's test split holds rotated and flipped copies of one
+cell. Given groups (data.valid_group names them), the bootstrap resamples whole groups (a cluster
+bootstrap: the mean difference of a resample = its differences' sum over its image count) and
+Wilcoxon ranks the groups' mean differences, so copies of one image count once, not once per copy.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class Paired:
 
     n: int
     skipped: int
+    groups: int  # independent units resampled: groups of images, or the images themselves
     mean_a: float
     mean_b: float
     difference: float
@@ -51,8 +57,8 @@ class Paired:
     @property
     def verdict(self) -> str:
         """One line saying what the interval decides."""
-        if self.n < 2:
-            return f"not decided: {self.n} image(s) paired, an interval needs at least 2"
+        if self.groups < 2:
+            return f"not decided: {self.groups} independent image group(s) paired, an interval needs at least 2"
         if self.b_better:
             return "B is better (the whole interval is above 0)"
         if self.a_better:
@@ -61,15 +67,20 @@ class Paired:
 
 
 def bootstrap_interval(differences: np.ndarray, confidence: float, resamples: int,
-                       seed: int) -> tuple[float, float]:
+                       seed: int, groups=None) -> tuple[float, float]:
     """Percentile interval of the mean of `differences` over `resamples` seeded resamples with
-    replacement (each resample draws len(differences) indices); NaN for fewer than 2 values."""
+    replacement: of the values, or of whole groups when `groups` (one label per value) is given
+    (each resample draws as many groups as there are, its mean = sum / count of the drawn
+    groups' values); NaN for fewer than 2 values or groups."""
     d = np.asarray(differences, dtype=np.float64)
-    if d.size < 2:
+    labels = np.arange(d.size) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
+    sums, counts = np.bincount(labels, weights=d), np.bincount(labels).astype(np.float64)
+    if sums.size < 2:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    means = np.concatenate([d[rng.integers(0, d.size, (min(_BLOCK, resamples - start), d.size))].mean(1)
-                            for start in range(0, resamples, _BLOCK)])
+    draws = (rng.integers(0, sums.size, (min(_BLOCK, resamples - start), sums.size))
+             for start in range(0, resamples, _BLOCK))
+    means = np.concatenate([sums[i].sum(1) / counts[i].sum(1) for i in draws])
     tail = (1 - confidence) / 2
     low, high = np.quantile(means, [tail, 1 - tail])
     return float(low), float(high)
@@ -88,11 +99,14 @@ def wilcoxon_p(differences: np.ndarray) -> float:
     return float(wilcoxon(d).pvalue)
 
 
-def compare(a, b, *, confidence: float = 0.95, resamples: int = 10000, seed: int = 0) -> Paired:
+def compare(a, b, *, confidence: float = 0.95, resamples: int = 10000, seed: int = 0,
+            groups=None) -> Paired:
     """Compare per-image scores `a` and `b` (same images, same order; NaN = not scored).
 
     Args:
         a, b: one score per image, e.g. the per-image dice of two models.
+        groups: one label per image (e.g. the cell an augmented copy shows); None: every image
+            is its own group. Resampling and Wilcoxon then work on groups (see the module doc).
         confidence: of the interval, e.g. 0.95.
         resamples: bootstrap resamples.
         seed: of the bootstrap's numpy Generator: the same inputs give the same interval.
@@ -103,9 +117,12 @@ def compare(a, b, *, confidence: float = 0.95, resamples: int = 10000, seed: int
     both = ~(np.isnan(a) | np.isnan(b))
     a, b = a[both], b[both]
     d = b - a
-    low, high = bootstrap_interval(d, confidence, resamples, seed)
-    return Paired(n=int(d.size), skipped=int((~both).sum()), mean_a=_mean(a), mean_b=_mean(b),
-                  difference=_mean(d), ci_low=low, ci_high=high, p_value=wilcoxon_p(d),
+    labels = np.unique(np.asarray(groups)[both] if groups is not None else np.arange(d.size),
+                       return_inverse=True)[1]
+    low, high = bootstrap_interval(d, confidence, resamples, seed, labels)
+    per_group = np.bincount(labels, weights=d) / np.bincount(labels) if d.size else d
+    return Paired(n=int(d.size), skipped=int((~both).sum()), groups=int(per_group.size), mean_a=_mean(a),
+                  mean_b=_mean(b), difference=_mean(d), ci_low=low, ci_high=high, p_value=wilcoxon_p(per_group),
                   confidence=confidence, resamples=resamples, seed=seed)
 
 

@@ -30,7 +30,8 @@ STUDY_TAG = "seg_mlops.study"
 TRIAL_TAG = "seg_mlops.trial"
 # The version tags the gate writes (gate_decision and gate_reason always, the numbers when compared).
 GATE_NUMBERS = ("gate_mean_dice_champion", "gate_mean_dice_candidate", "gate_difference", "gate_ci_low",
-                "gate_ci_high", "gate_confidence", "gate_n", "gate_skipped", "gate_p_value", "compared_with")
+                "gate_ci_high", "gate_confidence", "gate_n", "gate_skipped", "gate_p_value", "compared_with",
+                "gate_groups")
 # Only training runs that finished and logged a model can be registered.
 _REGISTRABLE = f"attributes.status = 'FINISHED' and tags.`{tracking.MODEL_URI_TAG}` IS NOT NULL"
 
@@ -232,9 +233,10 @@ def gate(cfg: Config, run: Run, champion, *, already: bool = False,
             raise
         return "forced", f"forced (--force) without a comparison with {against}: {exc}", None
     s = result.stats
-    interval = "no interval" if s.n < 2 else f"{s.confidence:.1%} interval [{s.ci_low:+.4f}, {s.ci_high:+.4f}]"
+    interval = "no interval" if s.groups < 2 else f"{s.confidence:.1%} interval [{s.ci_low:+.4f}, {s.ci_high:+.4f}]"
     numbers = (f"mean per-image test dice {s.mean_b:.4f} vs {s.mean_a:.4f}, difference {s.difference:+.4f}, "
-               f"{interval.replace('.0%', '%')}, n={s.n} images ({s.skipped} skipped), Wilcoxon p={s.p_value:.3g}")
+               f"{interval.replace('.0%', '%')}, n={s.n} images in {s.groups} groups ({s.skipped} skipped), "
+               f"Wilcoxon p={s.p_value:.3g}")
     if s.b_better:
         return "promoted", f"significantly better than {against}: {numbers}", result
     if force:
@@ -252,7 +254,7 @@ def _gate_tags(decision: str, reason: str, comparison: compare.Comparison | None
     if comparison is not None:
         s = comparison.stats
         numbers = (s.mean_a, s.mean_b, s.difference, s.ci_low, s.ci_high, s.confidence, s.n, s.skipped, s.p_value,
-                   champion.version)
+                   champion.version, s.groups)
         tags.update({name: repr(v) if isinstance(v, float) else str(v) for name, v in zip(GATE_NUMBERS, numbers)})
     return tags
 
@@ -322,7 +324,7 @@ def promotion_lines(tags: dict[str, str]) -> list[str]:
     lines = ["", "## Promotion", "", f"**{tags['gate_decision']}**: {tags['gate_reason']}"]
     if "gate_difference" not in tags:
         return lines
-    number = {k: float(tags[k]) for k in GATE_NUMBERS if k != "compared_with"}
+    number = {k: float(tags[k]) for k in GATE_NUMBERS if k in tags and k != "compared_with"}
     confidence = f"{number['gate_confidence']:.1%}".replace(".0%", "%")
     return lines + [
         "", f"| test split, paired per image | champion version {tags['compared_with']} | this version |",
@@ -331,6 +333,7 @@ def promotion_lines(tags: dict[str, str]) -> list[str]:
         f"| difference (this - champion) | | {number['gate_difference']:+.4f} |",
         f"| {confidence} bootstrap interval | | [{number['gate_ci_low']:+.4f}, {number['gate_ci_high']:+.4f}] |",
         f"| images paired (skipped: no foreground) | | {tags['gate_n']} ({tags['gate_skipped']}) |",
+        f"| independent groups resampled (data.valid_group) | | {tags.get('gate_groups', tags['gate_n'])} |",
         f"| Wilcoxon signed-rank p | | {number['gate_p_value']:.3g} |"]
 
 

@@ -446,37 +446,33 @@ def log_test_scores(scores: tuple[dict[str, float], dict, list], out: Path, data
     """Log what test_scores computed into the active run: `test_*` metrics linked to the test
     dataset and the logged model, the CSVs, the review table and worst images."""
     results, table, worst = scores
-    log_evaluation(results, out, dataset=dataset, model_id=_model_id(model_uri))
+    log_evaluation(results, out, dataset=dataset, model_id=model_id(model_uri))
     run_page.log_review(table, worst)
 
 
-def score_run(run_id: str) -> dict[str, float]:
-    """Score a FINISHED training run's model on the test split after the fact, into that run (a
-    study scores its best trial so; the trials themselves skip the test split). The run's output
-    folder must still hold its model. Returns the test results; a run already scored is left as
-    it is and its logged `test_*` values are returned."""
-    from seg_mlops import train as train_mod
-
+def score_run(run_id: str, cfg: Config) -> dict[str, float]:
+    """Score a FINISHED run's logged model on the test split after the fact, into that run (a
+    study scores its best trial so; the trials themselves skip the test split). `cfg` is the run's
+    own config (a trial's: tuning.trial_config). A run already scored keeps its numbers: its
+    logged `test_*` values are returned."""
     run = mlflow.MlflowClient().get_run(run_id)
     logged = {k.removeprefix("test_"): v for k, v in run.data.metrics.items() if k.startswith("test_")}
     if logged:
         return logged
-    out = Path(run.data.tags.get(lifecycle.OUTPUT_TAG, ""))
-    if not (out / train_mod.MODEL_FILE).is_file() or not (out / "config.yaml").is_file():
-        raise SegMlopsError(f"run {run_id}: no model or config.yaml in its output folder {out}; "
-                            "cannot score it on the test split")
-    cfg = config_mod.load(out / "config.yaml")  # the run's own config (a trial's values)
-    trained, profile = data.prepare(cfg)
-    scores = test_scores(load_model(str(out / train_mod.MODEL_FILE)), trained, out)
-    history = {cfg.train.monitor: [m.value for m in mlflow.MlflowClient().get_metric_history(run_id, cfg.train.monitor)]}
+    model_uri = run.data.tags.get(MODEL_URI_TAG)
+    if model_uri is None:
+        raise SegMlopsError(f"run {run_id} has no logged model (tag {MODEL_URI_TAG}): nothing to score")
+    encoding = run.data.tags.get(MASK_ENCODING_TAG)  # as its training decided (else evaluate decides)
+    if cfg.model.num_classes == 1 and cfg.data.binary_mask == "auto" and encoding:
+        cfg = config_mod.override(cfg, {"data.binary_mask": encoding})
+    out = cfg.output_dir / "test-scores"
+    scores = test_scores(load_model(model_uri), cfg, out)
     with mlflow.start_run(run_id=run_id):  # reopened to log into it; ends FINISHED again
-        log_test_scores(scores, out, run_page.split_datasets(trained, profile).get("test"),
-                        run.data.tags.get(MODEL_URI_TAG, ""))
-        mlflow.set_tag(run_page.NOTE_TAG, run_page.run_description(trained, profile, history, scores[0]))
+        log_test_scores(scores, out, None, model_uri)
     return scores[0]
 
 
-def _model_id(model_uri: str) -> str | None:
+def model_id(model_uri: str) -> str | None:
     """The LoggedModel id of a `models:/<id>` URI (MLflow 3), else None."""
     rest = model_uri.removeprefix("models:/")
     return rest if rest != model_uri and "/" not in rest and "@" not in rest else None

@@ -239,7 +239,7 @@ def cv_objective(trial: optuna.Trial, cfg: Config, trial_cfg: Config, parent_run
         if fold.index < cfg.tune.folds - 1 and trial.should_prune():  # after the last fold: nothing saved
             raise optuna.TrialPruned(f"pruned after fold {fold.index}: {cfg.train.monitor} {fold.best:.4f}")
 
-    result = crossval.in_parent(trial_cfg, run_id, overwrite=True, after_fold=report,
+    result = crossval.in_parent(trial_cfg, run_id, overwrite=True, after_fold=report, score_test=False,
                                 killed_by=(KeyboardInterrupt, optuna.TrialPruned))
     trial.set_user_attr(MODEL_URI_ATTR, result.model_uri)
     trial.set_user_attr("cv_std", result.std)
@@ -422,7 +422,7 @@ def score_best(study: optuna.Study, cfg: Config, client: MlflowClient, parent_id
     if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
         return
     best = study.best_trial
-    results = tracking.score_run(best.user_attrs[RUN_ID_ATTR])
+    results = tracking.score_run(best.user_attrs[RUN_ID_ATTR], trial_config(cfg, best.params, best.number))
     for name, value in results.items():
         client.log_metric(parent_id, f"best_trial_test_{name}", value)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k in ("dice_coef", "mean_image_dice", "loss"))

@@ -81,9 +81,27 @@ def test_unscored_images_are_skipped_and_too_few_pairs_decide_nothing():
     assert (s.mean_a, s.mean_b, s.difference) == pytest.approx((0.55, 0.65, 0.1))
     one = paired.compare([np.nan, 0.5], [np.nan, 0.9])
     assert one.n == 1 and np.isnan(one.ci_low) and not one.b_better
-    assert one.verdict.startswith("not decided: 1 image(s) paired")
+    assert one.verdict.startswith("not decided: 1 independent image group(s) paired")
     with pytest.raises(ValueError, match="two 1-D arrays of one length"):
         paired.compare([0.1, 0.2], [0.1])
+
+
+def test_copies_of_one_image_count_once_when_grouped():
+    # 4 distinct images, each present 5 times (rotated copies, say): resampling whole groups gives
+    # exactly the 4 images' interval and p (equal group sizes: the same seeded draws); resampling
+    # the 20 copies as if independent makes the interval narrower than the evidence allows.
+    a, b = np.array([0.6, 0.7, 0.5, 0.8]), np.array([0.7, 0.65, 0.7, 0.8])
+    distinct = paired.compare(a, b, seed=3)
+    copies = paired.compare(np.repeat(a, 5), np.repeat(b, 5), seed=3, groups=np.repeat(list("wxyz"), 5))
+    assert (copies.n, copies.groups, distinct.groups) == (20, 4, 4)
+    assert (copies.ci_low, copies.ci_high) == pytest.approx((distinct.ci_low, distinct.ci_high), abs=1e-12)
+    assert copies.p_value == pytest.approx(distinct.p_value)
+    naive = paired.compare(np.repeat(a, 5), np.repeat(b, 5), seed=3)
+    assert naive.ci_high - naive.ci_low < 0.6 * (copies.ci_high - copies.ci_low)
+    # unequal groups: a resample's mean is its differences' sum over its image count; with two
+    # groups {+1, +1} and {0} the resample means are 1 (gg), 2/3 (gh, hg) and 0 (hh)
+    two = paired.compare([0, 0, 0], [1, 1, 0], groups=["g", "g", "h"], resamples=4000, seed=0)
+    assert (two.ci_low, two.ci_high) == (0.0, 1.0) and two.difference == pytest.approx(2 / 3)
 
 
 # ----------------------------------------------------------------------------- compare command
