@@ -499,10 +499,12 @@ def make_dataset(pairs: Sequence[Pair], cfg: Config, *, batch_size: int, shuffle
     anew every epoch (seg_mlops.augment); validation, test and inference pipelines never are.
 
     With repeat=True the batches of one pass repeat forever (each pass reshuffled, its last batch
-    still partial): training makes ONE iterator for all epochs (fit with `steps_per_epoch`, see
-    `steps`). Making a new iterator every epoch, as Keras does for a finite dataset, runs
-    tf.data's graph rewrites and autotuner set-up again each time, and that stalled the start of
-    epochs by up to tens of seconds on busy CPUs (issue 17; bench/overhead.py prints the waits).
+    still partial): training keeps ONE iterator for all epochs (fit with `steps_per_epoch`, see
+    `steps`). For a finite dataset Keras makes a new iterator every epoch, and dropping the old one
+    blocks the main thread until its background threads stop: tf.data's autotuning thread
+    (RootDataset's) finishes its current pass first, which stalled the start of epochs by seconds
+    to tens of seconds on busy CPUs (issue 17: py-spy showed the main thread in
+    ~IteratorResource -> ~LogicalThreadWrapper; bench/overhead.py prints the waits).
     """
     import tensorflow as tf
 

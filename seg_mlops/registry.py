@@ -233,10 +233,10 @@ def gate(cfg: Config, run: Run, champion, *, already: bool = False,
             raise
         return "forced", f"forced (--force) without a comparison with {against}: {exc}", None
     s = result.stats
+    groups = f" in {s.groups} groups" if s.groups != s.n else ""
     interval = "no interval" if s.groups < 2 else f"{s.confidence:.1%} interval [{s.ci_low:+.4f}, {s.ci_high:+.4f}]"
     numbers = (f"mean per-image test dice {s.mean_b:.4f} vs {s.mean_a:.4f}, difference {s.difference:+.4f}, "
-               f"{interval.replace('.0%', '%')}, n={s.n} images in {s.groups} groups ({s.skipped} skipped), "
-               f"Wilcoxon p={s.p_value:.3g}")
+               f"{interval.replace('.0%', '%')}, n={s.n} images{groups} ({s.skipped} skipped), Wilcoxon p={s.p_value:.3g}")
     if s.b_better:
         return "promoted", f"significantly better than {against}: {numbers}", result
     if force:
