@@ -22,6 +22,8 @@ from typing import Callable
 
 import numpy as np
 
+from seg_mlops.errors import SegMlopsError
+
 GIB = 1024 ** 3
 MEMORY_CAP = 2 * GIB  # data.cache "auto": at most this much memory ...
 MEMORY_SHARE = 0.25  # ... and at most this share of the memory available now
@@ -126,6 +128,10 @@ class FileStore:
             self._array = np.load(self.path, mmap_mode="r")
             self._filled = np.ones(n, bool)
         else:
+            need, free = decoded_bytes(n, height, width), disk_free(self.path.parent)
+            if need > free:  # a memory-mapped write past a full disk would kill the process (SIGBUS)
+                raise SegMlopsError(f"data.cache=file needs {_mib(need)} in {self.path.parent} but only {_mib(free)} "
+                                    "are free; free some space, or set data.cache: off (or memory)")
             self._partial = self.path.with_name(f"{self.path.stem}.{os.getpid()}.{id(self)}.partial.npy")
             self._array = np.lib.format.open_memmap(self._partial, mode="w+", dtype=np.uint8,
                                                     shape=(n, height, width, 4))

@@ -88,3 +88,12 @@ def test_file_store_appears_complete_or_not_at_all(tmp_path):
     again = pair_cache.FileStore(path, 3, 4, 5, refuse)  # the next run
     image, labels = again.get(1)
     assert image.shape == (4, 5, 3) and (image == 1).all() and (labels == 11).all()
+
+
+def test_file_store_refuses_a_cache_larger_than_the_free_disk(tmp_path):
+    from seg_mlops.errors import SegMlopsError
+
+    with pytest.raises(SegMlopsError, match=r"data.cache=file needs 4000000000 MiB in .* free; free some space, "
+                                            r"or set data.cache: off"):
+        pair_cache.FileStore(tmp_path / "c.npy", 1_000_000_000, 1024, 1024, _loader([]))
+    assert not list(tmp_path.iterdir())  # nothing written
