@@ -71,9 +71,11 @@ class DataConfig:
     # Images are resized with this; masks always with nearest, so labels stay labels.
     image_interpolation: str = _key("area", choices=("area", "linear", "cubic", "nearest"))
     # Keep the decoded, resized pairs of the first epoch so later epochs skip file decoding:
-    # "memory" (N*H*W*4 bytes; 1000 images at 256 px = 262 MB), "file" (a tf.data cache under the
-    # output folder, for splits larger than memory), or "off" (stream from disk every epoch).
-    cache: str = _key("off", choices=("off", "memory", "file"))
+    # "memory" (N*H*W*4 bytes; 1000 images at 256 px = 262 MB), "file" (a memory-mapped file
+    # under the output folder, for splits larger than memory), "off" (stream from disk every
+    # epoch), or "auto" (decided when training starts, seg_mlops.pair_cache: memory when train +
+    # valid fit min(2 GiB, 25 % of the available memory), else file, else off).
+    cache: str = _key("off", choices=("off", "memory", "file", "auto"))
 
 
 @dataclass(frozen=True)
@@ -119,9 +121,17 @@ class TrainConfig:
     # output layer and the loss stay float32), XLA ("auto": Keras decides, i.e. on for GPUs), and
     # batches per compiled step. batch_size is per replica: global batch = batch_size x replicas.
     distribute: str = _key("none", choices=("none", "mirrored", "multi_worker"))
-    mixed_precision: str = _key("float32", choices=("float32", "mixed_float16", "mixed_bfloat16"))
+    # "auto" (decided when training starts, train.resolve_precision): mixed_float16 on GPUs with
+    # tensor cores (compute capability >= 7.0), mixed_bfloat16 on CPUs with native bfloat16
+    # (avx512_bf16 or amx_bf16 in /proc/cpuinfo), float32 otherwise.
+    mixed_precision: str = _key("float32", choices=("float32", "mixed_float16", "mixed_bfloat16", "auto"))
     jit_compile: str = _key("auto", choices=("auto", "on", "off"))
     steps_per_execution: int = _key(1, lo=1)
+    # CPU threads of this process: 0 = TensorFlow's defaults (the model's ops use every core and
+    # tf.data sizes its own pool); n > 0 = n intra-op threads for the model, min(2, n) inter-op threads,
+    # and a tf.data pool of n threads: for sharing a machine (e.g. tuning workers side by side).
+    # Set once per process, before TensorFlow starts (train.apply_threads).
+    threads: int = _key(0, lo=0)
     # CPU, memory, disk, network (and GPU when present) as `system/*` metrics of the run, sampled
     # by MLflow's system-metrics monitor (needs psutil; GPUs need nvidia-ml-py).
     system_metrics: bool = _key(True)

@@ -3,8 +3,9 @@
 Images are RGB everywhere (greyscale, RGBA and 16-bit inputs are converted on read, so training,
 evaluation and inference see the same pixels; the reference fed BGR to training and RGB to
 inference). Masks become class-index label maps *before* resizing, and label maps are resized with
-nearest neighbour, so labels stay labels. Nothing loads a whole split into memory: tf.data decodes
-files in parallel, one batch at a time.
+nearest neighbour, so labels stay labels. Unless data.cache asks to keep the decoded pairs
+(seg_mlops.pair_cache), nothing loads a whole split into memory: tf.data decodes files in
+parallel, one batch at a time.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import cv2
 import numpy as np
 
 from seg_mlops import augment as augment_mod
+from seg_mlops import pair_cache
 from seg_mlops.config import Config, DataConfig
 from seg_mlops.errors import SegMlopsError
 
@@ -488,11 +490,12 @@ def make_dataset(pairs: Sequence[Pair], cfg: Config, *, batch_size: int, shuffle
                  augment: bool = False, repeat: bool = False):
     """A tf.data pipeline of (float32 raw-pixel images, float32 binary/one-hot labels).
 
-    Streamed (default): file names are shuffled (seeded, reshuffled every epoch) before decoding,
-    so shuffling covers the whole split at no memory cost; decoding runs in parallel, prefetched.
-    With data.cache "memory" (or "file"), the decoded and resized uint8 pairs of the first epoch
-    are kept in memory (N x H x W x 4 bytes) or in a tf.data cache file, and later epochs shuffle
-    those instead of decoding files again.
+    The pairs' indices are shuffled (seeded, reshuffled every epoch), then each pair is fetched:
+    decoded from its files in parallel, or, with data.cache "memory" or "file", taken from the
+    store the first pass filled (seg_mlops.pair_cache: N x H x W x 4 bytes, in memory or in a
+    memory-mapped file under the output folder). Shuffling indices before fetching covers the
+    whole split at no memory cost, the first batch waits only for its own pairs, and a seed gives
+    the same order with or without a cache.
 
     With augment=True (the train split only) and any cfg.augment probability above 0, every
     decoded uint8 pair is augmented after the cache and the shuffle, so cached pairs are drawn
@@ -510,17 +513,18 @@ def make_dataset(pairs: Sequence[Pair], cfg: Config, *, batch_size: int, shuffle
 
     height, width = cfg.model.image_height, cfg.model.image_width
     num_classes = cfg.model.num_classes
-    ds = tf.data.Dataset.from_tensor_slices(
-        ([str(p.image) for p in pairs], [str(p.mask) for p in pairs]))
+    pairs = list(pairs)
+    store = pair_cache.make_store(cfg.data.cache, cache_file(pairs, cfg), len(pairs), height, width,
+                                  lambda i: load_pair(pairs[i], cfg))
+    ds = tf.data.Dataset.range(len(pairs))
+    if shuffle:
+        ds = ds.shuffle(max(len(pairs), 1), seed=cfg.seed, reshuffle_each_iteration=True)
 
-    def shuffled(ds):
-        return ds.shuffle(len(pairs), seed=cfg.seed, reshuffle_each_iteration=True) if shuffle else ds
+    def load(index: np.int64) -> tuple[np.ndarray, np.ndarray]:
+        return store.get(int(index)) if store is not None else load_pair(pairs[int(index)], cfg)
 
-    def load(image_path: bytes, mask_path: bytes) -> tuple[np.ndarray, np.ndarray]:
-        return load_pair(Pair(Path(image_path.decode()), Path(mask_path.decode())), cfg)
-
-    def decode(image_path, mask_path):
-        image, labels = tf.numpy_function(load, [image_path, mask_path], [tf.uint8, tf.uint8])
+    def fetch(index):
+        image, labels = tf.numpy_function(load, [index], [tf.uint8, tf.uint8])
         return tf.ensure_shape(image, (height, width, 3)), tf.ensure_shape(labels, (height, width))
 
     def to_float(image, labels):
@@ -530,16 +534,13 @@ def make_dataset(pairs: Sequence[Pair], cfg: Config, *, batch_size: int, shuffle
             target = tf.one_hot(labels, num_classes, dtype=tf.float32)
         return tf.cast(image, tf.float32), target
 
-    if cfg.data.cache != "off":
-        ds = shuffled(ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).cache(cache_file(pairs, cfg)))
-    else:
-        ds = shuffled(ds).map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(fetch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if augment and augment_mod.enabled(cfg.augment):
         ds = augment_mod.augment_dataset(ds, cfg.augment, cfg.seed, height, width)
     ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
     if repeat:
         ds = ds.repeat()
-    return ds.prefetch(tf.data.AUTOTUNE).with_options(distribution_options())
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(pipeline_options(cfg))
 
 
 def steps(pairs: Sequence[Pair], batch_size: int) -> int:
@@ -547,25 +548,35 @@ def steps(pairs: Sequence[Pair], batch_size: int) -> int:
     return math.ceil(len(pairs) / batch_size)
 
 
-def distribution_options():
-    """tf.data options for a multi-worker run: shard by DATA (every worker runs the same seeded
-    pipeline and keeps its share of each global batch). TensorFlow's AUTO policy would try FILE
-    sharding first, which only applies to datasets read by file-reader ops (TFRecord...); ours
-    decodes files in a numpy_function, so AUTO would fall back to DATA with a warning. Explicit
-    is quieter and says what happens. With one worker (none, mirrored) it changes nothing."""
+def pipeline_options(cfg: Config):
+    """tf.data options: sharding for several workers, and the pipeline's threads.
+
+    Shard by DATA for a multi-worker run (every worker runs the same seeded pipeline and keeps its
+    share of each global batch). TensorFlow's AUTO policy would try FILE sharding first, which
+    only applies to datasets read by file-reader ops (TFRecord...); ours decodes files in a
+    numpy_function, so AUTO would fall back to DATA with a warning. Explicit is quieter and says
+    what happens. With one worker (none, mirrored) it changes nothing.
+
+    With train.threads = n > 0 the pipeline runs on a private pool of n threads (tf.data's own
+    option), so that it, like the model's n intra-op threads, stays within the n cores it was
+    given; 0 keeps tf.data's default (a pool as large as the machine, sized by its autotuner,
+    which only runs parallel calls while the prefetch buffers are not full).
+    """
     import tensorflow as tf
 
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    if cfg.train.threads:
+        options.threading.private_threadpool_size = cfg.train.threads
     return options
 
 
-def cache_file(pairs: Sequence[Pair], cfg: Config) -> str:
-    """"" for data.cache "memory"; for "file", a tf.data cache path under the output folder whose
-    name hashes everything the cached pixels depend on (files, sizes, mask encoding), so a
-    changed dataset or config never reads a stale cache."""
+def cache_file(pairs: Sequence[Pair], cfg: Config) -> Path | None:
+    """None unless data.cache is "file"; then the cache file's path under the output folder,
+    whose name hashes everything the cached pixels depend on (files, sizes, mask encoding), so
+    a changed dataset or config never reads a stale cache."""
     if cfg.data.cache != "file":
-        return ""
+        return None
     digest = hashlib.sha256(repr((
         [(str(p.image), p.image.stat().st_size, str(p.mask), p.mask.stat().st_size) for p in pairs],
         cfg.model.image_height, cfg.model.image_width, cfg.model.num_classes, cfg.data.binary_mask,
@@ -573,7 +584,20 @@ def cache_file(pairs: Sequence[Pair], cfg: Config) -> str:
     )).encode()).hexdigest()[:16]
     folder = cfg.output_dir / "tfdata-cache"
     folder.mkdir(parents=True, exist_ok=True)
-    return str(folder / digest)
+    return folder / f"{digest}.npy"
+
+
+def decide_cache(cfg: Config) -> Config:
+    """data.cache "auto" resolved for training on this machine from the train and valid pairs
+    (seg_mlops.pair_cache.resolve_cache), with one printed line that gives the numbers; other
+    values are kept."""
+    if cfg.data.cache != "auto":
+        return cfg
+    count = len(split_pairs(cfg, "train")) + len(split_pairs(cfg, "valid"))
+    mode, line = pair_cache.decide(cfg.data.cache, count, cfg.model.image_height, cfg.model.image_width,
+                                   cfg.output_dir)
+    print(line)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache=mode))
 
 
 def make_datasets(cfg: Config, batch_size: int | None = None, repeat: bool = False):

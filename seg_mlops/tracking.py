@@ -31,6 +31,8 @@ MODEL_NAME = "model"  # the logged model's name inside a run
 MODEL_URI_TAG = "seg_mlops.model_uri"  # the raw Keras network (float32 tensors of the model's size)
 PIPELINE_URI_TAG = "seg_mlops.pipeline_uri"  # the whole pipeline (serving.py): what the registry registers
 MASK_ENCODING_TAG = "seg_mlops.mask_encoding"  # how binary masks were read (data.prepare decided)
+PRECISION_TAG = "seg_mlops.mixed_precision"  # the dtype policy trained with ("auto" decided)
+CACHE_TAG = "seg_mlops.data_cache"  # where decoded pairs were kept ("auto" decided)
 TRACKING_HOME = Path("tracking")
 # MLflow's HTTP client retries a failed call 7 times with backoff (minutes) inside the call; we
 # shorten that (unless the user set it) so our spool decides how long to wait, without blocking.
@@ -403,6 +405,7 @@ def finish_run(cfg: Config, result, sink: RunSink, run_id: str, score_test: bool
     datasets = run_page.split_datasets(trained, result.profile) if result.profile is not None else {}
     end_tags = {"seg_mlops.replicas": str(result.replicas),
                 "seg_mlops.global_batch_size": str(result.replicas * cfg.train.batch_size),
+                PRECISION_TAG: trained.train.mixed_precision, CACHE_TAG: trained.data.cache,
                 run_page.NOTE_TAG: run_page.run_description(trained, result.profile, result.history,
                                                             scores[0] if scores else {})}
     if result.profile is not None:

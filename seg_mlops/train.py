@@ -47,7 +47,8 @@ class TrainResult:
     model: keras.Model  # with the best weights restored
     epoch_inference: EpochInference | None
     replicas: int = 1  # devices that trained in sync (all workers); global batch = batch_size x this
-    cfg: Config | None = None  # the config as trained: data.binary_mask decided (data.prepare)
+    # the config as trained: data.binary_mask, data.cache and train.mixed_precision decided
+    cfg: Config | None = None
     profile: data.Profile | None = None  # what the validation pass saw (dataset_profile.json)
 
 
@@ -138,6 +139,97 @@ def strategy(cfg: Config):
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 
+def resolve_precision(requested: str, cpu_flags: set[str], gpus: Sequence[tuple[str, tuple[int, int]]]
+                      ) -> tuple[str, str]:
+    """The Keras dtype policy for train.mixed_precision, and why: `requested` unless it is
+    "auto"; then mixed_float16 when there are GPUs and every one has tensor cores (compute
+    capability 7.0 or more: Volta and later), float32 when there are GPUs without, and on a
+    CPU-only machine mixed_bfloat16 when the CPU computes bfloat16 natively (AVX512_BF16 or AMX;
+    oneDNN then runs bfloat16 convolutions about twice as fast as float32, bench/train_speed.py),
+    float32 otherwise (emulated bfloat16 is slower than float32).
+
+    Args:
+        requested: train.mixed_precision.
+        cpu_flags: the CPU's feature flags, as /proc/cpuinfo lists them (`cpu_flags`).
+        gpus: (name, compute capability) of each visible GPU (`visible_gpus`).
+    """
+    if requested != "auto":
+        return requested, "as configured"
+    if gpus:
+        slow = [f"{name} ({major}.{minor})" for name, (major, minor) in gpus if (major, minor) < (7, 0)]
+        if slow:
+            return "float32", f"no tensor cores (compute capability < 7.0) on {', '.join(slow)}"
+        return "mixed_float16", f"tensor cores on {', '.join(f'{n} ({a}.{b})' for n, (a, b) in gpus)}"
+    native = sorted({"avx512_bf16", "amx_bf16"} & set(cpu_flags))
+    if native:
+        return "mixed_bfloat16", f"no GPU, and this CPU has {' and '.join(native)}"
+    return "float32", "no GPU, and this CPU has no native bfloat16 (avx512_bf16 or amx_bf16)"
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
+    """The CPU feature flags of the first "flags" line of /proc/cpuinfo (empty where there is none,
+    e.g. not on Linux)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
+def visible_gpus() -> list[tuple[str, tuple[int, int]]]:
+    """(name, compute capability) of each GPU TensorFlow sees; listing them does not start the
+    runtime (threads and strategies can still be set after)."""
+    import tensorflow as tf
+
+    found = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        found.append((details.get("device_name", gpu.name), tuple(details.get("compute_capability", (0, 0)))))
+    return found
+
+
+def decide_precision(cfg: Config) -> Config:
+    """train.mixed_precision "auto" resolved on this machine (`resolve_precision`), with one
+    printed line saying what was chosen and why; other values are kept."""
+    if cfg.train.mixed_precision != "auto":
+        return cfg
+    policy, why = resolve_precision("auto", cpu_flags(), visible_gpus())
+    print(f"precision: train.mixed_precision=auto -> {policy}: {why}")
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision=policy))
+
+
+def apply_threads(threads: int) -> str:
+    """Give TensorFlow train.threads: n intra-op threads (one op's parallel work: the
+    convolutions) and min(2, n) inter-op threads (independent ops at once; Intel's guidance for
+    oneDNN is one per socket, and a UNet's graph is mostly one chain); 0 keeps TensorFlow's
+    defaults (both pools as large as the machine). The pipeline's share is tf.data's option
+    (data.pipeline_options). Returns "" or a note: the pools are fixed once TensorFlow's runtime
+    has started in this process (a second training in the same process, a test), and asking for
+    other sizes then is not an error: training runs with the pools it has.
+    """
+    import tensorflow as tf
+
+    if not threads:
+        return ""
+    wanted = (threads, min(2, threads))
+    have = (tf.config.threading.get_intra_op_parallelism_threads(),
+            tf.config.threading.get_inter_op_parallelism_threads())
+    if have == wanted:
+        return ""
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(wanted[0])
+        tf.config.threading.set_inter_op_parallelism_threads(wanted[1])
+    except RuntimeError:  # "... cannot be modified after initialization"
+        return (f"note: train.threads={threads} not applied: TensorFlow's runtime had started in this process "
+                f"with {have[0] or 'default'} intra-op and {have[1] or 'default'} inter-op threads, which "
+                "cannot change now; start a new process to use other thread counts")
+    return ""
+
+
 @contextlib.contextmanager
 def precision(policy: str) -> Iterator[None]:
     """Set the Keras global dtype policy for the layers built inside, then restore the previous
@@ -214,20 +306,28 @@ def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = 
         owner: who trains (the MLflow run id), saved in the state; resuming a state saved by
             another owner is an error.
     """
-    distribution = strategy(cfg)  # first: MultiWorkerMirroredStrategy must precede the TF runtime
+    # First, before TensorFlow's runtime starts: thread pools, then the strategy
+    # (MultiWorkerMirroredStrategy must precede the runtime too).
+    note = apply_threads(cfg.train.threads)
+    if note:
+        print(note, file=sys.stderr)
+    distribution = strategy(cfg)
     chief = is_chief(cfg)
     if not chief:
         cfg = _scratch_output(cfg)
+    # config.yaml keeps the config as asked (data.binary_mask, data.cache, train.mixed_precision:
+    # auto), as the run's params do: a resume compares the two. The decisions are printed, in
+    # dataset_profile.json and in the run's tags (TrainResult.cfg holds them).
+    out_cfg = cfg
+    cfg = decide_precision(cfg)
     keras.utils.set_random_seed(cfg.seed)  # Python, NumPy and TF at once (the reference's B1)
     # Cheap checks first (model shape, loss and monitor names, every data file), so bad input
     # fails in seconds and before the output folder is touched.
     with precision(cfg.train.mixed_precision), distribution.scope():
         model = build_unet(**dataclasses.asdict(cfg.model))
         metric_names = compile_model(model, cfg)
-    # config.yaml keeps the config as asked (data.binary_mask: auto), as the run's params do: a
-    # resume compares the two. The decision is in dataset_profile.json and the run's tags.
-    out_cfg = cfg
     cfg, profile = data.prepare(cfg)  # every file checked, mask encoding decided, foreground present
+    cfg = data.decide_cache(cfg)
     # train.batch_size is per replica: each step takes batch_size x replicas images in all.
     global_batch = cfg.train.batch_size * distribution.num_replicas_in_sync
     datasets = data.make_datasets(cfg, batch_size=global_batch, repeat=True)  # one iterator for all epochs

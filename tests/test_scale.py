@@ -192,6 +192,86 @@ def test_fit_in_mixed_float16_returns_a_float32_model(tiny_cfg):
     assert 0 < diff.max() < 0.01, diff.max()
 
 
+# ----------------------------------------------------------------------------- auto precision, threads
+
+BF16_ONLY = {"fpu", "avx2", "avx512f", "avx512_bf16"}
+AMX = {"avx2", "amx_tile", "amx_bf16", "amx_int8"}
+PLAIN = {"fpu", "sse4_2", "avx2", "avx512f", "avx512_vnni"}  # AVX-512, but no bfloat16 arithmetic
+A100, P100, GTX1080 = ("NVIDIA A100-SXM4-80GB", (8, 0)), ("Tesla P100", (6, 0)), ("GTX 1080", (6, 1))
+
+
+@pytest.mark.parametrize("requested, flags, gpus, policy, why", [
+    ("auto", BF16_ONLY, [], "mixed_bfloat16", "this CPU has avx512_bf16"),
+    ("auto", AMX, [], "mixed_bfloat16", "this CPU has amx_bf16"),
+    ("auto", BF16_ONLY | AMX, [], "mixed_bfloat16", "this CPU has amx_bf16 and avx512_bf16"),
+    ("auto", PLAIN, [], "float32", "no native bfloat16"),
+    ("auto", set(), [], "float32", "no native bfloat16"),  # no /proc/cpuinfo (not Linux)
+    ("auto", PLAIN, [A100], "mixed_float16", "tensor cores on NVIDIA A100-SXM4-80GB (8.0)"),
+    ("auto", BF16_ONLY, [A100], "mixed_float16", "tensor cores"),  # the GPU trains, not the CPU
+    ("auto", BF16_ONLY, [GTX1080], "float32", "no tensor cores (compute capability < 7.0) on GTX 1080 (6.1)"),
+    ("auto", PLAIN, [A100, P100], "float32", "on Tesla P100 (6.0)"),  # mirrored waits for the slowest
+    ("mixed_float16", BF16_ONLY, [], "mixed_float16", "as configured"),  # explicit values are kept
+    ("float32", BF16_ONLY, [A100], "float32", "as configured"),
+])
+def test_precision_auto_chooses_from_the_machine(requested, flags, gpus, policy, why):
+    chosen, reason = train.resolve_precision(requested, flags, gpus)
+    assert chosen == policy and why in reason
+
+
+def test_cpu_flags_come_from_proc_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 avx512_bf16\n"
+                       "bugs\t\t: sysret_ss_attrs\n\nprocessor\t: 1\nflags\t\t: fpu avx2 avx512_bf16\n")
+    assert train.cpu_flags(cpuinfo) == {"fpu", "avx2", "avx512_bf16"}
+    assert train.cpu_flags(tmp_path / "missing") == set()
+    assert train.resolve_precision("auto", train.cpu_flags(cpuinfo), [])[0] == "mixed_bfloat16"
+
+
+def test_auto_precision_and_cache_are_decided_printed_and_tagged(tiny_cfg, capsys):
+    cfg = config.override(tiny_cfg("train.mixed_precision=auto", "data.cache=auto", "train.epochs=1",
+                                   "train.epoch_infer_count=0"), {"experiment": "scale-auto"})
+    expected, why = train.resolve_precision("auto", train.cpu_flags(), train.visible_gpus())
+    result, run_id = tracking.train(cfg)
+    printed = capsys.readouterr().out
+    assert f"precision: train.mixed_precision=auto -> {expected}: {why}" in printed
+    # 8 train + 4 valid pairs at 32x32: 12 x 32 x 32 x 4 bytes = 48 KiB, far below any budget
+    assert "cache: data.cache=auto -> memory: 12 decoded pairs at 32x32 take 0 MiB" in printed
+    assert (result.cfg.train.mixed_precision, result.cfg.data.cache) == (expected, "memory")
+    run = mlflow.get_run(run_id)
+    assert run.data.tags[tracking.PRECISION_TAG] == expected and run.data.tags[tracking.CACHE_TAG] == "memory"
+    # the params and config.yaml keep what was asked (a resume compares them)
+    assert run.data.params["train.mixed_precision"] == "auto" and run.data.params["data.cache"] == "auto"
+    assert yaml.safe_load((result.output_dir / "config.yaml").read_text())["train"]["mixed_precision"] == "auto"
+    assert result.model.get_layer("enc0_conv1").compute_dtype == "float32"  # a float32 model either way
+
+
+def test_threads_are_set_before_tensorflow_starts(tmp_path):
+    """train.threads=3: 3 intra-op and 2 inter-op threads, and a tf.data pool of 3 (read back from
+    TensorFlow in a fresh process: the test process has started TensorFlow already)."""
+    script = textwrap.dedent("""
+        import tensorflow as tf
+        from seg_mlops import config, data, train
+        cfg = config.load(None, ["train.threads=3"])
+        note = train.apply_threads(cfg.train.threads)
+        tf.constant(1.0) + 1  # the runtime starts with the pools set above
+        print(repr(note), tf.config.threading.get_intra_op_parallelism_threads(),
+              tf.config.threading.get_inter_op_parallelism_threads(),
+              data.pipeline_options(cfg).threading.private_threadpool_size,
+              data.pipeline_options(config.load(None, [])).threading.private_threadpool_size)
+        print(repr(train.apply_threads(3)), repr(train.apply_threads(0)))  # unchanged: no note
+        print(train.apply_threads(1))  # other sizes after the start: a note, not a crash
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env=python_env(f"sqlite:///{tmp_path}/m.db"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[0] == "'' 3 2 3 None"
+    assert lines[1] == "'' ''"
+    assert lines[2] == ("note: train.threads=1 not applied: TensorFlow's runtime had started in this process "
+                        "with 3 intra-op and 2 inter-op threads, which cannot change now; start a new process "
+                        "to use other thread counts")
+
+
 # ----------------------------------------------------------------------------- XLA, steps per execution
 
 def test_jit_compile_and_steps_per_execution(tiny_cfg, tmp_path):
