@@ -38,15 +38,8 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA = "Herlev-PapSmear-SevereDysplastic"
-
-
-def data_dir() -> Path:
-    base = os.environ.get("SEG_MLOPS_REAL_DATA")
-    path = (Path(base) if base else REPO_ROOT.parent / "shared" / "data") / DATA
-    if not path.is_dir():
-        sys.exit(f"dataset not found: {path} (set SEG_MLOPS_REAL_DATA to the folder holding {DATA})")
-    return path.resolve()
+sys.path.insert(0, str(Path(__file__).parent))
+from train_speed import cpu_name, data_dir  # noqa: E402  (the benchmarks' one home for both)
 
 
 def make_subset(root: Path, images: int) -> Path:
@@ -203,7 +196,7 @@ def main() -> None:
         return child(args)
     if args.quick:
         args.sizes, args.threads, args.epochs, args.images = [128], [os.cpu_count() or 1], 2, 20
-    print(f"cpu: {os.cpu_count()} cores; load average {os.getloadavg()}; overrides {args.set}; "
+    print(f"cpu: {cpu_name()}, {os.cpu_count()} cores; load average {os.getloadavg()}; overrides {args.set}; "
           f"log of the trainings: {args.log}")
     with open(args.log, "w") as log:
         for size in args.sizes:
