@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 import dataclasses
@@ -534,18 +535,27 @@ def make_dataset(pairs: Sequence[Pair], cfg: Config, *, batch_size: int, shuffle
             target = tf.one_hot(labels, num_classes, dtype=tf.float32)
         return tf.cast(image, tf.float32), target
 
-    ds = ds.map(fetch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    parallel = pipeline_threads(cfg)  # fixed: tf.data's autotuner is off (see pipeline_options)
+    ds = ds.map(fetch, num_parallel_calls=parallel, deterministic=True)
     if augment and augment_mod.enabled(cfg.augment):
         ds = augment_mod.augment_dataset(ds, cfg.augment, cfg.seed, height, width)
-    ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+    ds = ds.map(to_float, num_parallel_calls=parallel).batch(batch_size)
     if repeat:
         ds = ds.repeat()
-    return ds.prefetch(tf.data.AUTOTUNE).with_options(pipeline_options(cfg))
+    return ds.prefetch(PREFETCH_BATCHES).with_options(pipeline_options(cfg))
 
 
 def steps(pairs: Sequence[Pair], batch_size: int) -> int:
     """Batches in one pass over `pairs` (the last one partial): an epoch of a repeated pipeline."""
     return math.ceil(len(pairs) / batch_size)
+
+
+PREFETCH_BATCHES = 2  # batches made ahead of the model: one being consumed, one ready
+
+
+def pipeline_threads(cfg: Config) -> int:
+    """Pairs decoded (and augmented) in parallel: train.threads, else every core."""
+    return cfg.train.threads or os.cpu_count() or 1
 
 
 def pipeline_options(cfg: Config):
@@ -559,12 +569,19 @@ def pipeline_options(cfg: Config):
 
     With train.threads = n > 0 the pipeline runs on a private pool of n threads (tf.data's own
     option), so that it, like the model's n intra-op threads, stays within the n cores it was
-    given; 0 keeps tf.data's default (a pool as large as the machine, sized by its autotuner,
-    which only runs parallel calls while the prefetch buffers are not full).
+    given; 0 keeps tf.data's default pool (as large as the machine).
+
+    tf.data's autotuner is off: its thread (one per iterator) must finish its current pass before
+    the iterator can be dropped, and Keras drops the validation iterator after every evaluation
+    (`evaluate` resets it) and, for finite data, the training iterator every epoch. On 2 busy
+    cores that wait took up to ~10 s per epoch (bench/overhead.py; issue 17). The pipeline keeps
+    fixed parallelism instead (`pipeline_threads`, PREFETCH_BATCHES), which outruns the model
+    (bench/README.md).
     """
     import tensorflow as tf
 
     options = tf.data.Options()
+    options.autotune.enabled = False
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     if cfg.train.threads:
         options.threading.private_threadpool_size = cfg.train.threads

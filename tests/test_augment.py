@@ -203,6 +203,13 @@ def test_train_split_only_is_augmented_and_seeded(tiny_cfg):
     assert _epoch(again) == epoch2  # ...and second
     other, _ = data.make_datasets(config.override(aug, {"seed": 138}))
     assert not set(_epoch(other)) & set(epoch1)
+    # Training keeps one iterator for all epochs (repeat=True): its passes are the same epochs.
+    repeated, valid_repeated = data.make_datasets(aug, repeat=True)
+    batches = [b for b, _ in zip(repeated.as_numpy_iterator(), range(2 * len(train_aug)))]
+    passes = [[img.tobytes() for img in images] for images, _ in batches]
+    assert [x for p in passes[:len(train_aug)] for x in p] == epoch1
+    assert [x for p in passes[len(train_aug):] for x in p] == epoch2
+    assert valid_repeated.options().autotune.enabled is False  # see data.pipeline_options
 
     for images, targets in train_aug.take(2).as_numpy_iterator():  # labels stay 0/1 floats
         assert set(np.unique(targets).tolist()) <= {0.0, 1.0} and images.dtype == np.float32
