@@ -254,15 +254,6 @@ def load_ensemble(folds: Sequence[Fold]) -> keras.Model:
     return average_models([load_model(fold.output_dir / MODEL_FILE) for fold in folds])
 
 
-def decided(cfg: Config, folds: Sequence[Fold]) -> Config:
-    """`cfg` with data.binary_mask as the folds' validation pass decided it (their tag), so the
-    ensemble is scored with the same encoding; "auto" lets evaluate decide from the test split."""
-    if cfg.model.num_classes > 1 or cfg.data.binary_mask != "auto":
-        return cfg
-    tag = MlflowClient().get_run(folds[0].run_id).data.tags.get(tracking.MASK_ENCODING_TAG)
-    return config_mod.override(cfg, {"data.binary_mask": tag}) if tag else cfg
-
-
 def finish(cfg: Config, parent_id: str, folds: list[Fold],
            killed_by: tuple[type[BaseException], ...] = (KeyboardInterrupt,), score_test: bool = True) -> CVResult:
     """Log on the parent: cv_mean/cv_std of the folds' best values, the summary plot, the fold
@@ -277,7 +268,8 @@ def finish(cfg: Config, parent_id: str, folds: list[Fold],
     ensemble.save(out / ENSEMBLE_FILE)
     from seg_mlops import evaluate
 
-    trained = decided(cfg, folds)
+    # the encoding the folds' validation pass decided, so the ensemble reads masks as they did
+    trained = tracking.as_trained(cfg, MlflowClient().get_run(folds[0].run_id))
     results = evaluate.evaluate(ensemble, trained, out) if score_test else {}  # local: no server needed
     plot_summary(bests, monitor, out / PLOT_FILE)
     write_summary(folds, results, monitor, parent_id, out / SUMMARY_FILE)

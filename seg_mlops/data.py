@@ -575,7 +575,7 @@ def pipeline_options(cfg: Config):
     the iterator can be dropped, and Keras drops the validation iterator after every evaluation
     (`evaluate` resets it) and, for finite data, the training iterator every epoch. On 2 busy
     cores that wait took up to ~10 s per epoch (bench/overhead.py; issue 17). The pipeline keeps
-    fixed parallelism instead (`pipeline_threads`, PREFETCH_BATCHES), which outruns the model
+    fixed parallelism instead (`pipeline_threads`, PREFETCH_BATCHES), which keeps ahead of the model
     (bench/README.md).
     """
     import tensorflow as tf

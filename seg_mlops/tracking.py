@@ -453,6 +453,16 @@ def log_test_scores(scores: tuple[dict[str, float], dict, list], out: Path, data
     run_page.log_review(table, worst)
 
 
+def as_trained(cfg: Config, run) -> Config:
+    """`cfg` with data.binary_mask as `run`'s validation pass decided it (its tag), so a later
+    scoring reads the masks as its training did; with no tag, "auto" lets evaluate decide from
+    the test split."""
+    encoding = run.data.tags.get(MASK_ENCODING_TAG)
+    if cfg.model.num_classes > 1 or cfg.data.binary_mask != "auto" or not encoding:
+        return cfg
+    return config_mod.override(cfg, {"data.binary_mask": encoding})
+
+
 def score_run(run_id: str, cfg: Config) -> dict[str, float]:
     """Score a FINISHED run's logged model on the test split after the fact, into that run (a
     study scores its best trial so; the trials themselves skip the test split). `cfg` is the run's
@@ -465,9 +475,7 @@ def score_run(run_id: str, cfg: Config) -> dict[str, float]:
     model_uri = run.data.tags.get(MODEL_URI_TAG)
     if model_uri is None:
         raise SegMlopsError(f"run {run_id} has no logged model (tag {MODEL_URI_TAG}): nothing to score")
-    encoding = run.data.tags.get(MASK_ENCODING_TAG)  # as its training decided (else evaluate decides)
-    if cfg.model.num_classes == 1 and cfg.data.binary_mask == "auto" and encoding:
-        cfg = config_mod.override(cfg, {"data.binary_mask": encoding})
+    cfg = as_trained(cfg, run)
     out = cfg.output_dir / "test-scores"
     scores = test_scores(load_model(model_uri), cfg, out)
     with mlflow.start_run(run_id=run_id):  # reopened to log into it; ends FINISHED again
