@@ -77,6 +77,29 @@ def cli(debug: bool) -> None:
     """Train, evaluate and run Keras UNet segmentation models."""
 
 
+@cli.command()
+@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@click.option("--budget-minutes", type=click.FloatRange(0.5), default=10.0, show_default=True,
+              help="Wall-clock minutes of training the plan fills on this machine.")
+@click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
+              help="CPU threads to time and train with [train.threads; 0 = all].")
+def plan(root: str, budget_minutes: float, threads: int) -> None:
+    """Profile the dataset at ROOT (<root>/{train,valid,test}/{images,masks}) and print a config
+    that trains well in --budget-minutes here: seg-mlops plan DATA > configs/x.yaml."""
+    import contextlib
+    import json
+    import sys
+
+    from seg_mlops import planning, train as train_mod
+
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the config
+        train_mod.apply_threads(threads)
+        entries, profile = planning.make_plan(root, budget_minutes, threads)
+        click.echo(json.dumps(profile, indent=1), err=True)
+    click.echo(planning.to_yaml(entries, f"seg-mlops plan {root} --budget-minutes {budget_minutes:g}"
+                                         + (f" --threads {threads}" if threads else "")))
+
+
 @cli.command("make-demo-data")
 @click.argument("output", type=click.Path(file_okay=False))
 @click.option("--classes", type=click.IntRange(1, 5), default=1, show_default=True,

@@ -102,6 +102,16 @@ class TrainConfig:
     epochs: int = _key(50, lo=1)
     batch_size: int = _key(4, lo=1)
     learning_rate: float = _key(1e-4, lo=0)
+    # How the LR moves: "plateau" keeps learning_rate and lets the reducer below cut it when the
+    # monitor stalls; "cosine" warms up linearly over warmup_epochs to learning_rate, then decays it
+    # along a cosine to 0 at the last epoch, step by step (a fixed-length recipe: the reducer is
+    # off, and early stopping only cuts it short).
+    lr_schedule: str = _key("plateau", choices=("plateau", "cosine"))
+    warmup_epochs: int = _key(0, lo=0)
+    # Wall-clock budget of fit, in minutes (0 = none): training stops after the epoch past which
+    # one more epoch (as long as the slowest so far) would not fit. Per launch: a resume starts it
+    # again.
+    max_minutes: float = _key(0.0, lo=0)
     clipvalue: float = _key(0.5, lo=0)  # 0 disables gradient value clipping
     loss: str = _key("auto")  # "auto": bce_dice_loss (binary) / categorical_crossentropy
     metrics: tuple[str, ...] = _key(())  # (): the task's defaults (losses.for_task)
@@ -404,6 +414,7 @@ def _validate(cfg: Config) -> Config:
         except re.error as exc:
             raise SegMlopsError(f"data.valid_group={d.valid_group!r}: not a regular expression ({exc})") from None
     _validate_folds(cfg)
+    _validate_schedule(cfg.train)
     _validate_augment(cfg.augment)
     _validate_space(cfg.tune.space)
     if cfg.train.monitor == "auto":
@@ -425,6 +436,16 @@ def _validate_folds(cfg: Config) -> None:
     if d.fold != -1 and not 0 <= d.fold < d.folds:
         raise SegMlopsError(f"data.fold={d.fold} is not a fold of data.folds={d.folds}: use 0..{max(d.folds - 1, 0)}, "
                             "or -1 for all folds" + ("" if d.folds else " (and set data.folds)"))
+
+
+def _validate_schedule(t: TrainConfig) -> None:
+    """A cosine schedule needs at least one epoch after its warm-up; the warm-up only exists in it."""
+    if t.lr_schedule == "cosine" and t.warmup_epochs >= t.epochs:
+        raise SegMlopsError(f"train.warmup_epochs={t.warmup_epochs} leaves no epoch of train.epochs={t.epochs} "
+                            "for the cosine decay; use fewer warm-up epochs")
+    if t.lr_schedule == "plateau" and t.warmup_epochs:
+        raise SegMlopsError(f"train.warmup_epochs={t.warmup_epochs} needs train.lr_schedule: cosine "
+                            "(the plateau schedule has no warm-up); set it, or set warmup_epochs: 0")
 
 
 def check_model(m: ModelConfig) -> None:

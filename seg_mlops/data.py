@@ -401,9 +401,10 @@ class Profile:
 
     encoding: str  # binary: "nonzero" or "threshold" (as data.binary_mask); multiclass: "rgb_map"
     splits: dict
+    shape: dict = dataclasses.field(default_factory=dict)  # the train split's sizes and objects (dataset_profile)
 
     def to_json(self) -> str:
-        return json.dumps({"mask_encoding": self.encoding, "splits": self.splits}, indent=2)
+        return json.dumps({"mask_encoding": self.encoding, "splits": self.splits, **self.shape}, indent=2)
 
 
 def prepare(cfg: Config, splits: Sequence[str] = SPLITS) -> tuple[Config, Profile]:

@@ -38,3 +38,32 @@ class EpochClock(keras.callbacks.Callback):
             logs.pop(KERAS_LR, None)
             logs[LR] = self._lr
             logs[SECONDS] = seconds
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """Stops fit after the epoch past which one more epoch would overrun `minutes` of wall clock
+    (train.max_minutes), judging "one more epoch" by the slowest so far after the first (whose
+    tracing the next ones do not pay). Counts from the start of fit, so data checks before it
+    and the evaluation after it are outside the budget."""
+
+    def __init__(self, minutes: float, clock=time.perf_counter):
+        super().__init__()
+        self.seconds, self.clock = minutes * 60.0, clock
+        self.durations: list[float] = []
+        self.stopped_epoch: int | None = None
+
+    def on_train_begin(self, logs=None):
+        self._start = self.clock()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = self.clock()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = self.clock()
+        self.durations.append(now - self._epoch_start)
+        slowest = max(self.durations[1:] or self.durations)
+        if now - self._start + slowest > self.seconds:
+            self.stopped_epoch = epoch
+            self.model.stop_training = True
+            print(f"train.max_minutes={self.seconds / 60:g}: stopping after epoch {epoch + 1} "
+                  f"({(now - self._start) / 60:.1f} min; one more would take up to {slowest:.0f} s)")

@@ -27,9 +27,10 @@ from typing import Callable, Iterator, Sequence
 import keras
 
 from seg_mlops import config as config_mod
-from seg_mlops import data, losses
+from seg_mlops import data, dataset_profile, losses
 from seg_mlops import resume as resume_mod
 from seg_mlops.callbacks import EpochInference, EpochPanels, HistoryWriter
+from seg_mlops.epoch_clock import TimeBudget
 from seg_mlops.config import Config
 from seg_mlops.errors import SegMlopsError
 from seg_mlops.model import build_unet
@@ -52,16 +53,33 @@ class TrainResult:
     profile: data.Profile | None = None  # what the validation pass saw (dataset_profile.json)
 
 
-def compile_model(model: keras.Model, cfg: Config) -> list[str]:
-    """Compile with Adam(learning_rate, clipvalue) and the task's loss/metrics; returns the
-    metric names Keras will log (and checks that train.monitor is one of them).
+def learning_rate(cfg: Config, steps_per_epoch: int):
+    """Adam's learning rate: train.learning_rate as is ("plateau": the reducer may cut it), or a
+    per-step schedule ("cosine"): linear warm-up from 0 over train.warmup_epochs, then a cosine
+    from train.learning_rate down to 0 at the end of train.epochs. The schedule is a function of
+    the optimizer's step count, which checkpoints and the resume state keep: a resumed run goes on
+    where it was."""
+    t = cfg.train
+    if t.lr_schedule == "plateau":
+        return t.learning_rate
+    warmup = t.warmup_epochs * steps_per_epoch
+    decay = (t.epochs - t.warmup_epochs) * steps_per_epoch
+    if not warmup:
+        return keras.optimizers.schedules.CosineDecay(t.learning_rate, decay)
+    return keras.optimizers.schedules.CosineDecay(0.0, decay, warmup_target=t.learning_rate, warmup_steps=warmup)
+
+
+def compile_model(model: keras.Model, cfg: Config, steps_per_epoch: int = 1) -> list[str]:
+    """Compile with Adam(learning_rate(cfg, steps_per_epoch), clipvalue) and the task's
+    loss/metrics; returns the metric names Keras will log (and checks that train.monitor is one of
+    them).
 
     Call it inside the strategy's scope (the optimizer's variables live there). Under the
     mixed_float16 policy Keras wraps the optimizer in a LossScaleOptimizer by itself (its
     `auto_scale_loss`); bfloat16 has float32's range and needs no loss scaling.
     """
     loss, metrics = losses.for_task(cfg.model.num_classes, cfg.train.loss, cfg.train.metrics)
-    optimizer = keras.optimizers.Adam(learning_rate=cfg.train.learning_rate,
+    optimizer = keras.optimizers.Adam(learning_rate=learning_rate(cfg, steps_per_epoch),
                                       clipvalue=cfg.train.clipvalue or None)
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
                   jit_compile=JIT_COMPILE[cfg.train.jit_compile],
@@ -323,16 +341,18 @@ def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = 
     keras.utils.set_random_seed(cfg.seed)  # Python, NumPy and TF at once (the reference's B1)
     # Cheap checks first (model shape, loss and monitor names, every data file), so bad input
     # fails in seconds and before the output folder is touched.
-    with precision(cfg.train.mixed_precision), distribution.scope():
-        model = build_unet(**dataclasses.asdict(cfg.model))
-        metric_names = compile_model(model, cfg)
-    cfg, profile = data.prepare(cfg)  # every file checked, mask encoding decided, foreground present
-    cfg = data.decide_cache(cfg)
     # train.batch_size is per replica: each step takes batch_size x replicas images in all.
     global_batch = cfg.train.batch_size * distribution.num_replicas_in_sync
+    with precision(cfg.train.mixed_precision), distribution.scope():
+        model = build_unet(**dataclasses.asdict(cfg.model))
+        # (only a cosine schedule needs the epoch's length, and it lists the files to know it)
+        metric_names = compile_model(model, cfg, epoch_steps(cfg, global_batch)[0]
+                                     if cfg.train.lr_schedule == "cosine" else 1)
+    cfg, profile = data.prepare(cfg)  # every file checked, mask encoding decided, foreground present
+    profile = dataclasses.replace(profile, shape=dataset_profile.describe(cfg))  # sizes, objects
+    cfg = data.decide_cache(cfg)
     datasets = data.make_datasets(cfg, batch_size=global_batch, repeat=True)  # one iterator for all epochs
-    epoch_steps = (data.steps(data.split_pairs(cfg, "train"), global_batch),
-                   data.steps(data.split_pairs(cfg, "valid"), global_batch))
+    steps = epoch_steps(cfg, global_batch)
     out = prepare_output(out_cfg, overwrite, resume)
     (out / PROFILE_FILE).write_text(profile.to_json())
     state = _load_state(out, resume, owner)
@@ -348,7 +368,7 @@ def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = 
         if state is not None:
             _restore(model, out, callbacks, state, cfg.train.epochs)
         loggers = [panel_logger(panels)] if panel_logger is not None else []
-        _fit(model, cfg, distribution, datasets, epoch_steps, [*callbacks, saver, *loggers, *extra_callbacks],
+        _fit(model, cfg, distribution, datasets, steps, [*callbacks, saver, *loggers, *extra_callbacks],
              state.epoch if state else 0, progress_verbosity() if verbose is None else verbose)
         model = _finish(model, cfg, out, chief)
     if not chief:
@@ -356,6 +376,12 @@ def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = 
     # The history of both segments of a resumed training, from the saved rows.
     return TrainResult(out, out / MODEL_FILE, resume_mod.history(saver.state.rows), model, panels.inference,
                        distribution.num_replicas_in_sync, cfg, profile)
+
+
+def epoch_steps(cfg: Config, global_batch: int) -> tuple[int, int]:
+    """Train and validation batches per epoch."""
+    return (data.steps(data.split_pairs(cfg, "train"), global_batch),
+            data.steps(data.split_pairs(cfg, "valid"), global_batch))
 
 
 def _scratch_output(cfg: Config) -> Config:
@@ -385,13 +411,15 @@ def _callbacks(cfg: Config, out: Path, metric_names: Sequence[str],
         keras.callbacks.ModelCheckpoint(out / MODEL_FILE, monitor=monitor, mode=mode, save_best_only=True),
         HistoryWriter(out, metric_names),
     ]
-    if cfg.train.reducer_patience:
+    if cfg.train.reducer_patience and cfg.train.lr_schedule == "plateau":
         callbacks.append(keras.callbacks.ReduceLROnPlateau(
             monitor=monitor, mode=mode, factor=cfg.train.reducer_factor,
             patience=cfg.train.reducer_patience, verbose=1))
     if cfg.train.patience:
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor=monitor, mode=mode, patience=cfg.train.patience, restore_best_weights=True, verbose=1))
+    if cfg.train.max_minutes:
+        callbacks.append(TimeBudget(cfg.train.max_minutes))
     return callbacks + panels.callbacks()
 
 
@@ -404,14 +432,14 @@ def _restore(model: keras.Model, out: Path, callbacks: Sequence[keras.callbacks.
     print(f"resuming from epoch {state.epoch + 1} of {epochs} (state in {out / resume_mod.STATE_DIR})")
 
 
-def _fit(model: keras.Model, cfg: Config, distribution, datasets, epoch_steps: tuple[int, int],
+def _fit(model: keras.Model, cfg: Config, distribution, datasets, steps: tuple[int, int],
          callbacks: Sequence[keras.callbacks.Callback], initial_epoch: int, verbose: int) -> None:
     """Keras fit under the strategy, from `initial_epoch` to train.epochs, on repeated pipelines
-    (`epoch_steps`: train and validation batches per epoch), so Keras keeps one iterator each."""
+    (`steps`: train and validation batches per epoch), so Keras keeps one iterator each."""
     train_ds, valid_ds = datasets
     with distribution.scope(), _keras_multi_worker_fixes(model, cfg.train.distribute == "multi_worker"):
         model.fit(train_ds, validation_data=valid_ds, epochs=cfg.train.epochs, initial_epoch=initial_epoch,
-                  steps_per_epoch=epoch_steps[0], validation_steps=epoch_steps[1],
+                  steps_per_epoch=steps[0], validation_steps=steps[1],
                   callbacks=list(callbacks), verbose=verbose,
                   shuffle=False)  # the dataset shuffles itself (seeded)
 
