@@ -54,7 +54,7 @@ def objects(labels: np.ndarray, cls: int) -> tuple[list[tuple[int, float]], floa
     count, components = cv2.connectedComponents(mask, connectivity=8)
     if count <= 1:
         return [], 0.0
-    inside = cv2.distanceTransform(mask, cv2.DIST_L2, 3)  # distance to the nearest background pixel
+    inside = cv2.distanceTransform(mask, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)  # exact distance to the background
     areas = np.bincount(components.ravel(), minlength=count)
     deepest = np.zeros(count, np.float32)
     np.maximum.at(deepest, components.ravel(), inside.ravel())
