@@ -74,7 +74,7 @@ def class_map(num_classes: str | None, rgb_map: str | None) -> tuple | None:
 
 def from_run(run, ref: str | None = None) -> Source:
     """The Source of a training run: its raw Keras network (tracking.MODEL_URI_TAG)."""
-    tags, params = run.data.tags, run.data.params
+    tags, params = run.data.tags, tracking.run_values(run)
     uri = tags.get(tracking.MODEL_URI_TAG) or tags.get(tracking.PIPELINE_URI_TAG)
     if uri is None:
         raise SegMlopsError(f"run {run.info.run_id} has no logged model (tag {tracking.MODEL_URI_TAG}): "

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,9 +71,8 @@ def fold_config(cfg: Config, fold: int) -> Config:
 
 
 def cv_key(cfg: Config) -> str:
-    """Hash of the resolved config as logged: the same command relaunched finds its parent by it."""
-    flat = {k: tracking.param_value(v) for k, v in config_mod.flatten(config_mod.public(cfg)).items()}
-    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+    """Hash of the resolved config: the same command relaunched finds its parent by it."""
+    return tracking.config_hash(cfg)
 
 
 def test_key(monitor: str) -> str:
@@ -132,9 +129,10 @@ def find_or_create_parent(cfg: Config, experiment_id: str, overwrite: bool) -> s
 def create_parent(cfg: Config, experiment_id: str, *, run_name: str, parent_run_id: str | None = None,
                   tags: dict[str, str] | None = None, run_id: str | None = None) -> str:
     """A parent run for the folds of `cfg` (or `run_id`, given those tags): the run's tags, the
-    config's hash and k, this process (so a kill gets it marked FAILED), and the config as params."""
+    config's hash and k, this process (so a kill gets it marked FAILED), and the config
+    (tracking.config_tags, config.yaml)."""
     client = MlflowClient()
-    all_tags = {**tracking.run_tags(cfg), CV_KEY_TAG: cv_key(cfg), CV_FOLDS_TAG: str(cfg.data.folds),
+    all_tags = {**tracking.run_tags(cfg), **tracking.config_tags(cfg), CV_KEY_TAG: cv_key(cfg), CV_FOLDS_TAG: str(cfg.data.folds),
                 run_page.NOTE_TAG: f"{cfg.data.folds}-fold cross-validation of '{cfg.experiment}': one child run "
                                    f"per fold; the model is the fold ensemble (mean of the fold models' "
                                    f"probabilities), scored on the test split",
@@ -146,10 +144,7 @@ def create_parent(cfg: Config, experiment_id: str, *, run_name: str, parent_run_
     else:
         for key, value in all_tags.items():
             client.set_tag(run_id, key, value)
-    existing = client.get_run(run_id).data.params
-    params = [mlflow.entities.Param(k, tracking.param_value(v))
-              for k, v in config_mod.flatten(config_mod.public(cfg)).items() if k not in existing]
-    client.log_batch(run_id, params=params)
+    client.log_text(run_id, config_mod.to_yaml(config_mod.public(cfg)), tracking.CONFIG_FILE)
     return run_id
 
 

@@ -81,13 +81,15 @@ def mark_dead_runs(client: MlflowClient) -> list[str]:
     return ended
 
 
-def check_resumable(run: Run, experiment_id: str, flat_config: dict[str, str]) -> Path:
+def check_resumable(run: Run, experiment_id: str, flat_config: dict[str, str],
+                    recorded: dict[str, str] | None = None) -> Path:
     """The output folder of `run` if it may be resumed with this config, else a one-line error.
 
     Args:
         run: the run to resume.
         experiment_id: the experiment the config's `experiment` names.
-        flat_config: the config to resume with, flattened and stringified as params are.
+        flat_config: the config to resume with, flattened and stringified (tracking.flat_config).
+        recorded: the run's whole config the same way (default: its params); every key is compared.
     """
     run_id, status, tags = run.info.run_id, run.info.status, run.data.tags
     if run.info.lifecycle_stage == "deleted":
@@ -107,9 +109,10 @@ def check_resumable(run: Run, experiment_id: str, flat_config: dict[str, str]) -
         raise SegMlopsError(f"run {run_id} belongs to experiment id {run.info.experiment_id}, but the config's "
                             f"experiment '{flat_config.get('experiment')}' is id {experiment_id}: "
                             "resume with the run's own config")
-    differ = [k for k, v in flat_config.items() if k in run.data.params and run.data.params[k] != v]
+    recorded = run.data.params if recorded is None else recorded
+    differ = [k for k, v in flat_config.items() if k in recorded and recorded[k] != v]
     if differ:
-        listed = ", ".join(f"{k}: run {run.data.params[k]!r}, config {flat_config[k]!r}" for k in differ[:5])
+        listed = ", ".join(f"{k}: run {recorded[k]!r}, config {flat_config[k]!r}" for k in differ[:5])
         raise SegMlopsError(f"run {run_id} was trained with another config ({listed}"
                             f"{', ...' if len(differ) > 5 else ''}): resume without --config to use its own")
     return Path(tags[OUTPUT_TAG])

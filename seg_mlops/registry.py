@@ -120,7 +120,7 @@ def best_run(experiment: str, metric: str) -> Run:
 def _version_tags(run: Run, metric: str, key: str, value: float) -> dict[str, str]:
     """What a version records about itself, so the registry UI answers "what is this model?"
     without opening the run."""
-    params, tags = run.data.params, run.data.tags
+    params, tags = tracking.run_values(run), run.data.tags
     out = {"metric": metric, "metric_key": key, "metric_value": repr(value), "run_id": run.info.run_id}
     if "seg_mlops.dataset_fingerprint" in tags:
         out["dataset_fingerprint"] = tags["seg_mlops.dataset_fingerprint"]
@@ -276,8 +276,8 @@ def model_card(run: Run, name: str, version: int, metric: str, key: str, value: 
                gate: dict[str, str] | None = None) -> str:
     """The version's description (Markdown): data, classes and colours, input contract, metrics,
     the promotion decision (from the version's `gate` tags) and a copy-paste call, read from the
-    run's params, tags and metrics."""
-    params, tags = run.data.params, run.data.tags
+    run's config values (tracking.run_values), tags and metrics."""
+    params, tags = tracking.run_values(run), run.data.tags
     pipeline = tracking.PIPELINE_URI_TAG in tags
     classes = int(params.get("model.num_classes", "1"))
     colours = ("0 background (0, 0, 0), 1 foreground (mask value 255)" if classes == 1 else

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import importlib.metadata
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,10 @@ from seg_mlops.errors import SegMlopsError
 
 PIPELINE_NAME = "pipeline"  # the pipeline model's name inside a run (the raw network is "model")
 KERAS_ARTIFACT = "keras_model"
+# The pipeline's settings (model_config below) travel as an artifact of the model, not as MLflow's
+# `model_config`: MLflow logs that as params of the run, and a run's params are printed above the
+# epoch picture in every image card of the UI (see tracking.COMPARED_KEYS).
+CONFIG_ARTIFACT = "pipeline_config"
 INPUT_COLUMN = "image"
 # param -> allowed values (the string params; the signature only checks types)
 CHOICES = {"mode": ("resize", "tiled"), "blend": ("average", "context", "bitwise_blending"),
@@ -96,12 +101,13 @@ def log_pipeline(model, cfg: Config, name: str = PIPELINE_NAME) -> str:
     active run; returns its models:/ URI."""
     package = Path(__file__).resolve().parent
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.keras"
+        path, settings = Path(tmp) / "model.keras", Path(tmp) / "pipeline_config.json"
         model.save(path)
+        settings.write_text(json.dumps(model_config(model, cfg)))
         info = mlflow.pyfunc.log_model(
-            name=name, python_model=SegmentationPipeline(), artifacts={KERAS_ARTIFACT: str(path)},
-            code_paths=[str(package)], signature=signature(cfg), pip_requirements=pip_requirements(),
-            model_config=model_config(model, cfg))
+            name=name, python_model=SegmentationPipeline(),
+            artifacts={KERAS_ARTIFACT: str(path), CONFIG_ARTIFACT: str(settings)},
+            code_paths=[str(package)], signature=signature(cfg), pip_requirements=pip_requirements())
     return info.model_uri
 
 
@@ -137,7 +143,8 @@ class SegmentationPipeline(mlflow.pyfunc.PythonModel):
         import keras
 
         self.model = keras.models.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
-        self.config = dict(context.model_config or {})
+        settings = context.artifacts.get(CONFIG_ARTIFACT)  # pipelines logged before it: model_config
+        self.config = json.loads(Path(settings).read_text()) if settings else dict(context.model_config or {})
 
     def settings(self, params: dict | None) -> tuple[infer.Settings, str, str]:
         """(Settings, output, on_error) from the call's params (`encoding` is read by predict); a

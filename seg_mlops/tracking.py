@@ -8,7 +8,9 @@ everything twice next to our callback).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
+import json
 import os
 import subprocess
 import sys
@@ -181,14 +183,70 @@ def _end_run(status: str) -> bool:
         return False
 
 
-def log_params_once(params: dict[str, object]) -> None:
-    """Log params not yet on the active run. MLflow params are write-once, and under `mlflow run`
-    the entry-point params are already there: re-logging one with another value is an error."""
-    run_id = mlflow.active_run().info.run_id
-    existing = mlflow.get_run(run_id).data.params
-    fresh = {k: param_value(v) for k, v in params.items() if k not in existing}
-    if fresh:
-        mlflow.log_params(fresh)
+# What a run records of its config (one home: training, fold, trial and cross-validation runs).
+# MLflow 3.17 prints EVERY param of a run above the picture in each image card (mlflow#23512; the
+# per-card "Show run parameters" switch, mlflow#23705, defaults to on and is kept per browser).
+# Measured in Chromium (tests/test_browser.py's window): the card's picture sits centred in a
+# square as wide as the card, under one ~16 px line per param (the card is too narrow for two),
+# so with our epoch pictures (1.4:1 and wider) not ONE param leaves the picture inside the card,
+# and even a 6:1 picture leaves room for 4 params, fewer than a tune.space holds. So a run logs
+# no config params: the keys people compare runs by are TAGS named by their key (runs table
+# columns, `tags.\`train.learning_rate\` = '0.01'` in the search box), the whole resolved config is
+# the config.yaml artifact, and CONFIG_HASH_TAG finds the runs of one config.
+COMPARED_KEYS = ("model.image_height", "model.image_width", "model.num_classes", "model.base_filters",
+                 "model.num_layers", "model.base_kernels", "model.dilation", "model.dropout_rate",
+                 "model.batch_norm", "model.activation", "train.learning_rate", "train.batch_size",
+                 "train.epochs", "train.loss",
+                 # read back by the registry's model card and `compare` (run_values)
+                 "data.rgb_map", "data.fold", "infer.threshold", "tiled_infer.tile_size",
+                 "tiled_infer.overlap", "tiled_infer.mode")
+CONFIG_HASH_TAG = "seg_mlops.config_hash"
+CONFIG_FILE = "config.yaml"  # the run's whole resolved config (no storage password), as an artifact
+_CONFIG_SECTIONS = tuple(f"{section}." for section in config_mod.SECTIONS)
+
+
+def flat_config(cfg: Config) -> dict[str, str]:
+    """Every key of the config (no storage password) as a string, as config.yaml records it."""
+    return {k: param_value(v) for k, v in config_mod.flatten(config_mod.public(cfg)).items()}
+
+
+def recorded_config(run) -> dict[str, str]:
+    """The whole config `run` was started with (flat_config): the config.yaml its training wrote
+    in its output folder; for a run without one, its params (runs logged before config tags)."""
+    out = run.data.tags.get(lifecycle.OUTPUT_TAG)
+    if out and (Path(out) / CONFIG_FILE).is_file():
+        return flat_config(config_mod.load(Path(out) / CONFIG_FILE))
+    return dict(run.data.params)
+
+
+def compared_values(cfg: Config) -> dict[str, str]:
+    """The config keys runs are compared by (COMPARED_KEYS and every key of tune.space, so a
+    study's trials compare in the runs table), as tag values."""
+    flat = flat_config(cfg)
+    return {k: flat[k] for k in dict.fromkeys([*COMPARED_KEYS, *cfg.tune.space])}
+
+
+def config_hash(cfg: Config) -> str:
+    """Hash of the resolved config as logged (config.yaml): equal configs, equal hashes."""
+    return hashlib.sha256(json.dumps(flat_config(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_tags(cfg: Config) -> dict[str, str]:
+    """The tags that record a run's config (see COMPARED_KEYS): compared keys and the hash."""
+    return {**compared_values(cfg), CONFIG_HASH_TAG: config_hash(cfg)}
+
+
+def log_config(cfg: Config) -> None:
+    """Record the config on the active run: config_tags and the config.yaml artifact."""
+    mlflow.set_tags(config_tags(cfg))
+    mlflow.log_text(config_mod.to_yaml(config_mod.public(cfg)), CONFIG_FILE)  # no storage password
+
+
+def run_values(run) -> dict[str, str]:
+    """The config values a run recorded: its config tags, over the params of runs logged before
+    config tags (and under `mlflow run`, its entry-point params)."""
+    tags = {k: v for k, v in run.data.tags.items() if k.startswith(_CONFIG_SECTIONS)}
+    return {**run.data.params, **tags}
 
 
 def param_value(value: object) -> str:
@@ -305,8 +363,9 @@ def train(cfg: Config, *, overwrite: bool = False, extra_callbacks: Sequence[ker
           run_name: str | None = None, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
           killed_by: tuple[type[BaseException], ...] = (KeyboardInterrupt,), resume_run_id: str | None = None,
           score_test: bool = True):
-    """Train inside an MLflow run: params, tags, per-epoch metrics and panels, the history files,
-    `best_<monitor>`, test-split evaluation and the model. Returns (TrainResult, run_id).
+    """Train inside an MLflow run: the config (log_config), tags, per-epoch metrics and panels,
+    the history files, `best_<monitor>`, test-split evaluation and the model. Returns
+    (TrainResult, run_id).
 
     Args:
         cfg: the experiment config (for a resume: the run's config, see `resume_config`).
@@ -345,7 +404,7 @@ def train(cfg: Config, *, overwrite: bool = False, extra_callbacks: Sequence[ker
         run_id = run.info.run_id
         if wrapper and wrapper != run_id:
             mlflow.MlflowClient().set_tag(wrapper, lifecycle.RESUMED_RUN_TAG, run_id)
-        log_params_once(config_mod.flatten(config_mod.public(cfg)))  # no storage password
+        log_config(cfg)
         state = resume_mod.load_state(out) if resume_run_id else None
         if resume_run_id:
             count = int(run.data.tags.get(lifecycle.RESUMES_TAG, "0")) + 1
@@ -417,7 +476,6 @@ def finish_run(cfg: Config, result, sink: RunSink, run_id: str, score_test: bool
         ("epoch records", lambda: sink.flush(max(0.0, deadline - time.monotonic())) == 0 or _raise_pending(sink)),
         (f"best_{cfg.train.monitor}", lambda: mlflow.log_metric(f"best_{cfg.train.monitor}", best)),
         ("tags", lambda: mlflow.set_tags(end_tags)),
-        ("config.yaml", lambda: mlflow.log_text(config_mod.to_yaml(config_mod.public(cfg)), "config.yaml")),
         ("history files", lambda: log_artifacts(out, ["train_losses.csv", "train_losses.png",
                                                       "train_metrics.csv", "train_metrics.png",
                                                       "dataset_profile.json"])),
@@ -494,7 +552,8 @@ def _raise_pending(sink: RunSink) -> bool:
 
 
 def resume_config(run_id: str, cfg: Config | None = None) -> Config:
-    """The config to resume `run_id` with: `cfg` if given (it must match the run's params), else
+    """The config to resume `run_id` with: `cfg` if given (it must match the run's whole config,
+    recorded_config), else
     the run's own (config.yaml in its output folder). Errors name what prevents the resume."""
     client = mlflow.MlflowClient(use_store())
     try:
@@ -506,7 +565,6 @@ def resume_config(run_id: str, cfg: Config | None = None) -> Config:
         if not out or not (Path(out) / "config.yaml").is_file():
             raise SegMlopsError(f"run {run_id}: no config.yaml in its output folder {out}; pass --config")
         cfg = config_mod.load(Path(out) / "config.yaml")
-    flat = {k: param_value(v) for k, v in config_mod.flatten(config_mod.public(cfg)).items()}
-    out_dir = lifecycle.check_resumable(run, connect(cfg.experiment), flat)
+    out_dir = lifecycle.check_resumable(run, connect(cfg.experiment), flat_config(cfg), recorded_config(run))
     # The folder the run wrote to, wherever this command runs from.
     return config_mod.override(cfg, {"train.output_dir": str(out_dir)})

@@ -174,7 +174,7 @@ def test_register_keeps_an_identical_copy_as_candidate(trained):
     registry.register_best(trained["cfg"], run_id=run_id)  # version 1, champion (if not yet)
     source = mlflow.get_run(run_id)
     with mlflow.start_run(experiment_id=tracking.connect("cmp"), run_name="copy") as copy:
-        mlflow.log_params({k: v for k, v in source.data.params.items() if k.startswith(("model.", "data."))})
+        mlflow.set_tags({k: v for k, v in tracking.run_values(source).items() if k.startswith(("model.", "data."))})
         mlflow.set_tag("seg_mlops.dataset_fingerprint", source.data.tags["seg_mlops.dataset_fingerprint"])
         mlflow.log_metric("best_val_dice_coef", source.data.metrics["best_val_dice_coef"])
         tracking.log_model(tracking.load_model(source.data.tags[tracking.MODEL_URI_TAG]))

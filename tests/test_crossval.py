@@ -124,7 +124,7 @@ def test_cv_interrupted_in_fold_1_then_relaunched(tiny_cfg, tmp_path):
     assert sorted(m.step for m in client.get_metric_history(folds[1].info.run_id, "loss")) == [0, 1]
     assert parent.info.status == "FINISHED"
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in folds.values())
-    assert all(r.data.params["data.fold"] == str(i) for i, r in folds.items())
+    assert all(r.data.tags["data.fold"] == str(i) for i, r in folds.items())
 
     # The parent: per-fold bests (step = fold), their mean and sample std; no best_<monitor>.
     bests = [folds[i].data.metrics["best_val_dice_coef"] for i in (0, 1)]

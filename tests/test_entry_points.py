@@ -137,8 +137,8 @@ def test_tune_entry_point_then_register_from_study(trained):
     client = mlflow.MlflowClient()
     for trial in trials:  # each trial: a child run trained tune.epochs=1 epoch, valued by it
         run = client.get_run(trial.user_attrs[tuning.RUN_ID_ATTR])
-        assert run.info.status == "FINISHED" and run.data.params["train.epochs"] == "1"
-        assert run.data.params["train.learning_rate"] == str(trial.params["train.learning_rate"])
+        assert run.info.status == "FINISHED" and run.data.tags["train.epochs"] == "1"
+        assert run.data.tags["train.learning_rate"] == str(trial.params["train.learning_rate"])
         assert trial.value == pytest.approx(run.data.metrics["val_dice_coef"])
 
     # `seg-mlops register --from-study`: the best trial's run becomes version 2 and candidate;

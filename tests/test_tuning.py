@@ -80,7 +80,7 @@ def test_study_with_pruning_nested_runs_and_resume(tiny_cfg, tmp_path):
     for trial in trials:
         child = runs[trial.user_attrs[tuning.RUN_ID_ATTR]]
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert child.data.params["train.learning_rate"] == str(trial.params["train.learning_rate"])
+        assert child.data.tags["train.learning_rate"] == str(trial.params["train.learning_rate"])
         assert child.info.status == ("KILLED" if trial.state.name == "PRUNED" else "FINISHED")
     # Pruned curves are kept: one point per epoch it ran.
     steps = [m.step for m in client.get_metric_history(pruned.user_attrs[tuning.RUN_ID_ATTR], "val_loss")]
