@@ -77,10 +77,12 @@ def panel(image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray,
     return np.concatenate([image, gap, truth_rgb, gap, colorize(pred, palette)], axis=1)
 
 
-# The MLflow UI (3.17) shows a logged image in a square box as wide as its card, centred, under
-# the run's name: in the run page's cards (about 250 px wide, 220 px of content at 1600x1000) a
-# picture is seen whole without scrolling from about 1.35:1 on. Wider is smaller: aim just above.
-MIN_ASPECT = 1.4
+# The MLflow UI (3.17) shows a logged image in a square box as wide as its card (249 px), centred,
+# under the run's name and a line (15.6 px) per run param: the picture is seen whole without
+# scrolling while the params take at most 94.5 px - half its height. Runs log no config params,
+# but `mlflow run` logs its entry point's (config, set: 2-3 lines): at 3:1 (83 px high) up to 3
+# lines fit. Wider is smaller (the card enlarges on click).
+MIN_ASPECT = 3.0
 
 
 def composite(panels: Sequence[np.ndarray], gap: int = 4) -> np.ndarray:

@@ -196,7 +196,7 @@ def _end_run(status: str) -> bool:
 COMPARED_KEYS = ("model.image_height", "model.image_width", "model.num_classes", "model.base_filters",
                  "model.num_layers", "model.base_kernels", "model.dilation", "model.dropout_rate",
                  "model.batch_norm", "model.activation", "train.learning_rate", "train.batch_size",
-                 "train.epochs", "train.loss",
+                 "train.epochs", "train.loss", "train.lr_schedule",
                  # read back by the registry's model card and `compare` (run_values)
                  "data.rgb_map", "data.fold", "infer.threshold", "tiled_infer.tile_size",
                  "tiled_infer.overlap", "tiled_infer.mode")

@@ -134,9 +134,12 @@ def test_mlflow_ui_shows_the_run_its_curves_and_epoch_images(browser, tiny_cfg, 
     from selenium.webdriver.common.keys import Keys
 
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # a tiny run lasts seconds
-    cfg = tiny_cfg("experiment=in-the-browser", "train.epochs=2", "train.epoch_infer_count=2",
+    cfg = tiny_cfg("experiment=in-the-browser", "train.epochs=2", "train.epoch_infer_count=4",
                    "train.patience=0")
     result, run_id = tracking.train(cfg, run_name="browser-run")
+    # what `mlflow run` (make demo) adds to the run: its entry point's parameters
+    mlflow.MlflowClient().log_batch(run_id, params=[mlflow.entities.Param("config", "configs/demo.yaml"),
+                                                    mlflow.entities.Param("set", "")])
     version = registry.register_best(cfg, run_id=run_id).version
     experiment_id = mlflow.get_experiment_by_name("in-the-browser").experiment_id
     logged = mlflow.get_run(run_id).data.metrics
@@ -180,8 +183,9 @@ def test_mlflow_ui_shows_the_run_its_curves_and_epoch_images(browser, tiny_cfg, 
         # MLflow 3.17 tops every image card with all the run's params (mlflow#23512) and its "Show
         # run parameters" switch (mlflow#23705) defaults to on: a run logs no config params
         # (tracking.COMPARED_KEYS says why), so in the default view the picture, sized for the
-        # card (callbacks.composite), is seen whole without scrolling.
-        assert not mlflow.get_run(run_id).data.params
+        # card (callbacks.composite), is seen whole without scrolling, even under the two
+        # parameters `mlflow run` logs.
+        assert set(mlflow.get_run(run_id).data.params) == {"config", "set"}
         where = wait_for(browser, lambda d: (w := in_view(d, key)) and w["width"] > 0 and inside(w) and w,
                          "the epoch panel lies inside its card's visible area", "mlflow-model-metrics-default.png")
         first = where["src"]
@@ -283,6 +287,6 @@ def test_dashboard_shows_the_study_trials(browser, tmp_path):
         # Trial 1's page shows its picture, served from the artifact store.
         page_text(browser, f"{url}/trials?numbers=1", "Trial 1", "best_epoch_panels.png")
         wait_for(browser, lambda d: [i for i in loaded_images(d, f"/artifacts/{study._study_id}/{trial._trial_id}/")
-                                     if (i["width"], i["height"]) == (3 * 40, 2 * 40 + 4)], "trial 1's panel image loads")
+                                     if (i["width"], i["height"]) == (2 * 3 * 40 + 4, 40)], "trial 1's panel image loads")
         browser.save_screenshot(str(ARTIFACTS / "dashboard-trial-picture.png"))
     assert (ARTIFACTS / "dashboard-study.png").stat().st_size > 10_000

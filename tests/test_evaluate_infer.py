@@ -178,17 +178,18 @@ def test_composite_puts_the_panels_in_one_picture_sized_for_the_ui_card():
     from seg_mlops.callbacks import MIN_ASPECT, composite
 
     # 30x100 panels (input | truth | prediction of 30 px images): the fewest columns that make the
-    # picture at least 1.4x wider than tall. Two stack (100x64, 1.56); three or four go two by two.
-    assert MIN_ASPECT == 1.4
+    # picture at least 3x wider than tall. Two stacked would be 100x64 (1.56): side by side
+    # (204x30, 6.8); three or four go two by two (204x64, 3.19).
+    assert MIN_ASPECT == 3.0
     panels = [np.full((30, 100, 3), 10 * (i + 1), np.uint8) for i in range(4)]
-    assert composite(panels[:2]).shape == (2 * 30 + 4, 100, 3)
+    assert composite(panels[:2]).shape == (30, 2 * 100 + 4, 3)
     three = composite(panels[:3])
     assert three.shape == (2 * 30 + 4, 2 * 100 + 4, 3)
     assert [int(three[y, x, 0]) for y, x in ((0, 0), (0, 104), (34, 0), (34, 104))] == [10, 20, 30, 128]
     assert int(three[31, 50, 0]) == 128 and int(three[10, 101, 0]) == 128  # the grey gaps
     assert composite(panels).shape == (2 * 30 + 4, 2 * 100 + 4, 3)
-    # Tall panels never reach 1.4: the widest grid, side by side.
+    # Tall panels never reach 3: the widest grid, side by side.
     assert composite([np.zeros((100, 30, 3), np.uint8)] * 2).shape == (100, 2 * 30 + 4, 3)
     # A smaller panel (a tiled image of another size) is padded grey.
     mixed = composite([np.zeros((30, 100, 3), np.uint8), np.zeros((20, 60, 3), np.uint8)])
-    assert mixed.shape == (64, 100, 3) and int(mixed[40, 80, 0]) == 128 and int(mixed[40, 50, 0]) == 0
+    assert mixed.shape == (30, 204, 3) and int(mixed[25, 130, 0]) == 128 and int(mixed[10, 130, 0]) == 0
