@@ -94,12 +94,12 @@ def check_training_run(run_id: str, epochs: int) -> None:
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "evaluation.csv", "per_image.csv", "train_losses.csv", "train_metrics.png"} <= artifacts
     # One decodable picture per epoch, under epoch_infer/input-truth-prediction with its step: the
-    # two fixed images' input | truth | prediction panels (3 x 32 px + 2 gaps) one above the other.
+    # two fixed images' input | truth | prediction panels (3 x 32 px + 2 gaps each) side by side (3:1).
     pngs = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
     assert sorted(p.split("~")[1].split("+step+")[0] + f"@{p.split('+step+')[1].split('+')[0]}"
                   for p in pngs) == [f"input-truth-prediction@{e}" for e in range(epochs)]
     local = client.download_artifacts(run_id, pngs[0])
-    assert Image.open(local).size == (3 * 32 + 4, 2 * 32 + 4)
+    assert Image.open(local).size == (2 * (3 * 32 + 4) + 4, 32)
     # The logged model: pyfunc, raw pixels in, masks out, no seg_mlops code needed.
     model = mlflow.pyfunc.load_model(run.data.tags[tracking.MODEL_URI_TAG])
     out = model.predict(np.full((2, 32, 32, 3), 128, np.float32))

@@ -282,7 +282,7 @@ def test_tiled_epoch_panels_logged_and_tiled_infer_entry_point(binary_root, tmp_
                       for e in range(2))
     assert logged == expected
     tiled_pngs = [p for p in pngs if p.split("/")[-1].startswith("epoch_tiled_infer~")]
-    assert Image.open(client.download_artifacts(run_id, tiled_pngs[0])).size == (3 * 48 + 4, 2 * 48 + 4)
+    assert Image.open(client.download_artifacts(run_id, tiled_pngs[0])).size == (2 * (3 * 48 + 4) + 4, 48)
 
     # `mlflow run -e tiled_infer` with the trained model: masks at the original 48 px size.
     proc = subprocess.run([MLFLOW, "run", str(REPO), "-e", "tiled_infer", "-P", f"config={cfg_path}",
