@@ -109,8 +109,9 @@ class TrainConfig:
     lr_schedule: str = _key("plateau", choices=("plateau", "cosine"))
     warmup_epochs: int = _key(0, lo=0)
     # Wall-clock budget of fit, in minutes (0 = none): training stops after the epoch past which
-    # one more epoch (as long as the slowest so far) would not fit. Per launch: a resume starts it
-    # again.
+    # one more epoch (as long as the slowest after the first) would not fit. A training stopped by
+    # it has ended (as with early stopping): resuming it only finishes the tracked end. A training
+    # killed before its budget ran out starts the clock again when resumed.
     max_minutes: float = _key(0.0, lo=0)
     clipvalue: float = _key(0.5, lo=0)  # 0 disables gradient value clipping
     loss: str = _key("auto")  # "auto": bce_dice_loss (binary) / categorical_crossentropy
