@@ -110,6 +110,8 @@ def size_range(profile: dict) -> tuple[int, int, str]:
     largest = max(int(largest // 32 * 32), MIN_SIDE)
     side = min(profile["height"]["p90"], profile["width"]["p90"])
     widths = {c: o["width_px"] for c, o in profile["objects"].items() if o["width_px"] == o["width_px"]}
+    if not widths:  # no foreground in the described sample: nothing bounds the size from below
+        return largest, MIN_SIDE, f"no objects in the described sample; images are {largest} px or more"
     thinnest = min(widths, key=widths.get)
     smallest = int(min(max(math.ceil(side * MIN_WIDTH_PX / widths[thinnest] / 32) * 32, MIN_SIDE), largest))
     return largest, smallest, (f"class {thinnest} is {widths[thinnest]:.1f} px wide in images of {side:.0f} px: "

@@ -121,6 +121,11 @@ def test_size_range(median, p90, width, expected):
     assert planning.size_range(_profile(median, p90, width))[:2] == expected
 
 
+def test_size_range_without_objects_in_the_sample():
+    prof = _profile(256, 256, float("nan"))
+    assert planning.size_range(prof)[:2] == (256, planning.MIN_SIDE)
+
+
 def test_epochs_from_an_injected_step_time():
     # 10 min x 0.9 = 540 s, minus tracing twice (10 s), over 12 x 0.1 + 3 x 0.1 x 0.35 + 1.5 s per epoch
     assert planning.epochs(0.1, 5.0, 12, 3, 10) == int(530 // (1.2 + 0.105 + 1.5)) == 188
