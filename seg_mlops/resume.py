@@ -11,7 +11,8 @@ ModelCheckpoint's best value, and every epoch's logs (the history CSV rows, MLfl
 
 The best checkpoint (`BestCheckpoint`) holds the same weights and optimizer state as the training
 state of the epoch that saved it, so in such an epoch the state's weights file is a hard link to
-it rather than a second write of the same 100 MB (about 0.2 s an epoch at 128 px, bench/overhead.py).
+it rather than a second write of the same data (100 MB for the seed Pap-Smear UNet; see
+bench/README.md, overhead.py, for what that saves and what writing a new file costs).
 """
 
 from __future__ import annotations
