@@ -149,7 +149,7 @@ def test_history_plots_redrawn_every_few_seconds_and_at_the_end(tmp_path):
     assert shown == [1, 1, 1, 4, 5]
     assert cv2.imread(str(tmp_path / "train_metrics.png")) is not None
 
-    # Fit ended early (a pruner, an interrupt handled by Keras): the plots catch up once.
+    # Fit stopped early by a callback after this writer (e.g. a pruner): the plots catch up once.
     early = HistoryWriter(tmp_path / "early", ["dice_coef"], clock=lambda: 0.0)
     early.set_params({"epochs": 5})
     early.on_train_begin()
