@@ -22,6 +22,11 @@ is measured from Keras' on_epoch_begin to the first on_train_batch_begin: the ga
 makes the epoch's dataset iterator (where the stalls of issue 17 sat), plus on_train_batch_end of
 batch 0 minus its begin (the first step, which includes waiting for the input pipeline's first
 element).
+
+With --split, variant (a) also reports where its epochs go: per callback, the seconds its hooks
+took per epoch (every callback of Keras' CallbackList wrapped with a clock), and named parts inside
+them (the panels' prediction and files, the composite picture, the checkpoint and resume-state
+saves, the history plots, and the background uploads, which overlap training).
 """
 
 from __future__ import annotations
@@ -68,9 +73,10 @@ def config(root: Path, out: Path, size: int, levels: int, epochs: int, extra: li
     return config_mod.load(None, overrides=sets)
 
 
-def timer():
+def timer(spent: dict | None = None):
     """A Keras callback that records each epoch's wall time, the gap before its first batch
-    (iterator creation) and its first step."""
+    (iterator creation) and its first step; with `spent` (see `instrument`), also a copy of it per
+    epoch, which it then empties."""
     import keras
 
     class Timer(keras.callbacks.Callback):
@@ -91,20 +97,69 @@ def timer():
 
         def on_epoch_end(self, epoch, logs=None):
             self.epochs[-1]["end"] = time.perf_counter()
+            if spent is not None:
+                self.epochs[-1]["split"] = dict(spent)
+                spent.clear()
 
         def rows(self) -> list[dict]:
             return [{"seconds": e["end"] - e["begin"], "to_first_batch": e["first_batch_begin"] - e["begin"],
-                     "first_step": e["first_batch_end"] - e["first_batch_begin"]} for e in self.epochs]
+                     "first_step": e["first_batch_end"] - e["first_batch_begin"], "split": e.get("split", {})}
+                    for e in self.epochs]
 
     return Timer()
 
 
-def run_seg_mlops(cfg) -> list[dict]:
+HOOKS = ("on_epoch_begin", "on_epoch_end", "on_train_batch_begin", "on_train_batch_end",
+         "on_test_begin", "on_test_end", "on_test_batch_begin", "on_test_batch_end")
+
+
+def _clocked(spent: dict, name: str, fn):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[name] = spent.get(name, 0.0) + time.perf_counter() - start
+    return wrapper
+
+
+def instrument(spent: dict) -> None:
+    """Clock every callback's hooks (as `<Class>`) and named parts inside ours (as `  <part>`)
+    into `spent`, by wrapping Keras' CallbackList and a few functions of seg_mlops."""
+    from keras.src.callbacks import callback_list
+
+    from seg_mlops import callbacks, resume, spool, tracking
+
+    original_init = callback_list.CallbackList.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        for callback in self.callbacks:
+            for hook in HOOKS:
+                setattr(callback, hook, _clocked(spent, type(callback).__name__, getattr(callback, hook)))
+
+    callback_list.CallbackList.__init__ = init
+    parts = [(callbacks, "predict_probs", "panels: predict"), (callbacks, "panel", "panels: compose"),
+             (callbacks, "write_rgb", "panels: PNG files"), (callbacks, "plot_history", "history: plots"),
+             (tracking, "composite", "logger: composite"), (resume.TrainingState, "save", "resume: save"),
+             (spool.RunSink, "_send", "background: upload (overlaps)")]
+    import keras
+
+    parts.append((keras.callbacks.ModelCheckpoint, "_save_model", "checkpoint: save"))
+    for owner, attribute, name in parts:
+        setattr(owner, attribute, _clocked(spent, "  " + name, getattr(owner, attribute)))
+
+
+def run_seg_mlops(cfg, split: bool = False) -> list[dict]:
     """(a): the tracked training with its defaults; the timer is the last callback, so each epoch's
-    time includes our callbacks' on_epoch_end work (panels, checkpoint, state, MLflow logging)."""
+    time includes our callbacks' on_epoch_end work (panels, checkpoint, state, MLflow logging).
+    With `split`, each row also has "split": {callback or part: seconds in that epoch}."""
     from seg_mlops import tracking
 
-    clock = timer()
+    spent: dict = {}
+    if split:
+        instrument(spent)
+    clock = timer(spent if split else None)
     tracking.train(cfg, overwrite=True, extra_callbacks=[clock])
     return clock.rows()
 
@@ -144,14 +199,14 @@ def child(args) -> None:
         root = make_subset(Path(tmp) / "data", args.images)
         cfg = config(root, Path(tmp) / "out", args.size, args.levels, args.epochs, args.set)
         started = time.process_time()
-        rows = run_seg_mlops(cfg) if args.child == "a" else run_bare(cfg)
+        rows = run_seg_mlops(cfg, args.split) if args.child == "a" else run_bare(cfg)
         print("RESULT " + json.dumps({"rows": rows, "cpu": time.process_time() - started}), flush=True)
 
 
 def launch(variant: str, size: int, threads: int, args, log) -> list[dict]:
     command = [sys.executable, __file__, "--child", variant, "--size", str(size), "--threads", str(threads),
                "--levels", str(args.levels), "--epochs", str(args.epochs), "--images", str(args.images)]
-    command += [f"--set={item}" for item in args.set]
+    command += [f"--set={item}" for item in args.set] + (["--split"] if args.split else [])
     done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT)
     log.write(done.stdout)
     found = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -177,6 +232,12 @@ def report(size: int, threads: int, runs: dict[str, list[list[dict]]]) -> None:
         print(f"  longest wait for a later epoch's first batch: {worst:.2f} s")
     print(f"ratio (a)/(b): {medians['a'] / medians['b']:.3f}; without the waits for the first batch "
           f"(either side): {working['a'] / working['b']:.3f}")
+    split = [row["split"] for rows in runs["a"] for row in rows[1:] if row.get("split")]
+    if split:
+        print("(a) per epoch after the first, median [min-max] s, by callback (its hooks) and part:")
+        for name in sorted({k for s in split for k in s}, key=lambda k: -statistics.median(s.get(k, 0) for s in split)):
+            values = [s.get(name, 0.0) for s in split]
+            print(f"  {name:<40} {statistics.median(values):.3f} [{min(values):.3f}-{max(values):.3f}]")
 
 
 def main() -> None:
@@ -189,6 +250,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for both variants, e.g. train.jit_compile=off")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--split", action="store_true", help="(a): time every callback and part of ours per epoch")
     parser.add_argument("--log", default=str(Path(tempfile.gettempdir()) / "bench_overhead.log"))
     parser.add_argument("--child", choices=("a", "b"), help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)

@@ -8,6 +8,11 @@ state of the other callbacks. Here one JSON file names its weights file and is r
 atomically, and it also holds what Keras callbacks keep in memory: EarlyStopping's wait/best
 (its best weights come back from the best checkpoint), ReduceLROnPlateau's wait/best/cooldown,
 ModelCheckpoint's best value, and every epoch's logs (the history CSV rows, MLflow back-fill).
+
+The best checkpoint (`BestCheckpoint`) holds the same weights and optimizer state as the training
+state of the epoch that saved it, so in such an epoch the state's weights file is a hard link to
+it rather than a second write of the same data (100 MB for the seed Pap-Smear UNet; see
+bench/README.md, overhead.py, for what that saves and what writing a new file costs).
 """
 
 from __future__ import annotations
@@ -26,12 +31,51 @@ from seg_mlops.epoch_clock import EpochClock
 STATE_DIR = "resume"
 STATE_FILE = "state.json"
 
-# Per callback class, the attributes that carry its state between epochs (Keras 3.10+ names).
+# Per callback class (and its subclasses, saved under the class's name), the attributes that carry
+# its state between epochs (Keras 3.10+ names).
 _CALLBACK_STATE = {
     keras.callbacks.EarlyStopping: ("wait", "best", "best_epoch", "stopped_epoch"),
     keras.callbacks.ReduceLROnPlateau: ("wait", "best", "cooldown_counter"),
     keras.callbacks.ModelCheckpoint: ("best",),
 }
+
+
+def saving_path(path: Path) -> Path:
+    """Where a `.keras` file is written before it replaces `path` (a hidden file beside it)."""
+    return Path(path).with_name(f".{Path(path).stem}.saving.keras")
+
+
+def _state_class(callback: keras.callbacks.Callback) -> type | None:
+    return next((kind for kind in _CALLBACK_STATE if isinstance(callback, kind)), None)
+
+
+class BestCheckpoint(keras.callbacks.ModelCheckpoint):
+    """Keras' ModelCheckpoint of the best model on a monitor (save_best_only), written whole or not
+    at all: Keras saves into a temporary file beside `path`, which then replaces `path`. Keras
+    alone rewrites the file in place, so a kill mid-save left no best model; and as every save is
+    a new file, the training state can hard-link it (TrainingState) without a later save changing
+    the linked copy.
+
+    Args:
+        path: the checkpoint (`.keras`: the model, its weights and the optimizer's state).
+        monitor, mode: as ModelCheckpoint's.
+    """
+
+    def __init__(self, path: Path, monitor: str, mode: str):
+        self.path = Path(path)
+        super().__init__(saving_path(self.path), monitor=monitor, mode=mode, save_best_only=True)
+        self.saved_epoch: int | None = None  # the (0-based) epoch of this fit's latest save
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        Path(self.filepath).unlink(missing_ok=True)  # a save a kill cut short
+        self.saved_epoch = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        if os.path.exists(self.filepath):  # Keras saved it this epoch
+            os.replace(self.filepath, self.path)
+            self.saved_epoch = epoch
 
 
 @dataclass
@@ -87,7 +131,8 @@ class TrainingState(EpochClock):
     Args:
         out_dir: the training's output folder; the state goes to `<out_dir>/resume/`.
         callbacks: the callbacks whose state is saved (any of EarlyStopping, ReduceLROnPlateau,
-            ModelCheckpoint; others are ignored).
+            ModelCheckpoint; others are ignored); a BestCheckpoint among them is linked, not
+            written again, in the epochs it saved.
         best_model: the best checkpoint, from which EarlyStopping's best weights are restored.
         owner: written into the state (the MLflow run id), checked by whoever resumes it.
         state: the state to restore (None: a fresh start).
@@ -97,7 +142,8 @@ class TrainingState(EpochClock):
                  owner: str = "", state: State | None = None):
         super().__init__()
         self.dir = state_dir(out_dir)
-        self.tracked = [c for c in callbacks if type(c) in _CALLBACK_STATE]
+        self.tracked = [c for c in callbacks if _state_class(c) is not None]
+        self.checkpoint = next((c for c in callbacks if isinstance(c, BestCheckpoint)), None)
         self.best_model = Path(best_model)
         self.state = state or State(owner=owner)
         self.state.owner = owner or self.state.owner
@@ -106,7 +152,7 @@ class TrainingState(EpochClock):
         if not self.state.epoch:
             return
         for callback in self.tracked:
-            for name, value in self.state.callbacks.get(type(callback).__name__, {}).items():
+            for name, value in self.state.callbacks.get(_state_class(callback).__name__, {}).items():
                 setattr(callback, name, value)
             if isinstance(callback, keras.callbacks.EarlyStopping) and callback.restore_best_weights \
                     and self.best_model.exists():
@@ -122,8 +168,8 @@ class TrainingState(EpochClock):
         self.state.rows.append({"epoch": epoch, **{k: _plain(v) for k, v in logs.items()}})
         self.state.epoch = epoch + 1
         self.state.complete = bool(self.model.stop_training) or self.state.epoch >= self.params["epochs"]
-        self.state.callbacks = {type(c).__name__: {a: _plain(getattr(c, a)) for a in _CALLBACK_STATE[type(c)]}
-                                for c in self.tracked}
+        self.state.callbacks = {_state_class(c).__name__: {a: _plain(getattr(c, a)) for a in _CALLBACK_STATE[
+            _state_class(c)]} for c in self.tracked}
         self.save()
 
     def save(self) -> None:
@@ -131,17 +177,33 @@ class TrainingState(EpochClock):
         the old weights go: a kill at any point leaves a consistent (old or new) state."""
         self.dir.mkdir(parents=True, exist_ok=True)
         previous = self.state.weights
-        self.state.weights = f"epoch_{self.state.epoch:04d}.weights.h5"
-        self.model.save_weights(self.dir / self.state.weights)  # includes the optimizer (and its LR)
+        self.state.weights = self._write_weights(f"epoch_{self.state.epoch:04d}")
         tmp = self.dir / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(self.state.__dict__, indent=1))
         os.replace(tmp, self.dir / STATE_FILE)
         if previous and previous != self.state.weights:
             (self.dir / previous).unlink(missing_ok=True)
 
+    def _write_weights(self, stem: str) -> str:
+        """The epoch's weights and optimizer state (its LR included) in the state folder; returns
+        the file's name. When the best checkpoint was saved this epoch, it holds exactly those (a
+        .keras file has the optimizer's state too): a hard link to it, `<stem>.keras`. Else, or
+        where the file system has no hard links, Keras' save_weights, `<stem>.weights.h5`."""
+        if self.checkpoint is not None and self.checkpoint.saved_epoch == self.state.epoch - 1:
+            link = self.dir / f"{stem}.keras"
+            link.unlink(missing_ok=True)
+            try:
+                os.link(self.checkpoint.path, link)
+                return link.name
+            except OSError:
+                pass
+        self.model.save_weights(self.dir / f"{stem}.weights.h5")
+        return f"{stem}.weights.h5"
+
 
 def restore_weights(model: keras.Model, out_dir: Path, state: State) -> None:
-    """Load the saved weights and optimizer state (learning rate, step, moments) into `model`."""
+    """Load the saved weights and optimizer state (learning rate, step, moments) into `model`,
+    from either kind of weights file (`TrainingState._write_weights`)."""
     if not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)  # the optimizer's variables must exist first
     model.load_weights(state_dir(out_dir) / state.weights)

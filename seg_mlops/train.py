@@ -403,14 +403,11 @@ def _load_state(out: Path, resume: bool, owner: str) -> resume_mod.State | None:
 
 def _callbacks(cfg: Config, out: Path, metric_names: Sequence[str],
                panels: EpochPanels) -> list[keras.callbacks.Callback]:
-    """Ours, in order: best checkpoint and history files on train.monitor, the LR reducer and
-    early stopping when configured, then the epoch-inference panels (the reference's
-    epoch_change_infer and epoch_change_tiledinfer)."""
+    """Ours, in order: the best checkpoint on train.monitor, the LR reducer, early stopping and
+    the time budget when configured, the history files, then the epoch-inference panels (the
+    reference's epoch_change_infer and epoch_change_tiledinfer)."""
     monitor, mode = cfg.train.monitor, losses.monitor_mode(cfg.train.monitor)
-    callbacks: list[keras.callbacks.Callback] = [
-        keras.callbacks.ModelCheckpoint(out / MODEL_FILE, monitor=monitor, mode=mode, save_best_only=True),
-        HistoryWriter(out, metric_names),
-    ]
+    callbacks: list[keras.callbacks.Callback] = [resume_mod.BestCheckpoint(out / MODEL_FILE, monitor, mode)]
     if cfg.train.reducer_patience and cfg.train.lr_schedule == "plateau":
         callbacks.append(keras.callbacks.ReduceLROnPlateau(
             monitor=monitor, mode=mode, factor=cfg.train.reducer_factor,
@@ -420,7 +417,8 @@ def _callbacks(cfg: Config, out: Path, metric_names: Sequence[str],
             monitor=monitor, mode=mode, patience=cfg.train.patience, restore_best_weights=True, verbose=1))
     if cfg.train.max_minutes:
         callbacks.append(TimeBudget(cfg.train.max_minutes))
-    return callbacks + panels.callbacks()
+    # After the callbacks that stop fit: it draws its plots at the last epoch.
+    return callbacks + [HistoryWriter(out, metric_names)] + panels.callbacks()
 
 
 def _restore(model: keras.Model, out: Path, callbacks: Sequence[keras.callbacks.Callback],
@@ -453,7 +451,10 @@ def _finish(model: keras.Model, cfg: Config, out: Path, chief: bool) -> keras.Mo
         return model
     model = plain_copy(model, cfg)
     if chief and (out / MODEL_FILE).exists():
-        model.save(out / MODEL_FILE)
+        # A new file, not the checkpoint rewritten in place: the resume state may link it.
+        saving = resume_mod.saving_path(out / MODEL_FILE)
+        model.save(saving)
+        os.replace(saving, out / MODEL_FILE)
     return model
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import keras
 import mlflow
+import numpy as np
 import pytest
 import yaml
 
@@ -139,8 +140,11 @@ def test_resume_restores_optimizer_lr_and_callback_state(tiny_cfg):
         train_mod.train(cfg, extra_callbacks=[Stop(at=1)], owner="run-a")
     state = resume.load_state(cfg.output_dir)
     assert (state.epoch, state.complete, state.owner, len(state.rows)) == (2, False, "run-a", 2)
+    # Epoch 2's weights and optimizer state: a hard link to the best checkpoint when that epoch
+    # saved it (val_dice_coef above epoch 1's), else written by Keras' save_weights.
+    improved_at_2 = state.rows[1]["val_dice_coef"] > state.rows[0]["val_dice_coef"]
     assert sorted(p.name for p in (cfg.output_dir / resume.STATE_DIR).iterdir()) == [
-        "epoch_0002.weights.h5", "state.json"]
+        "epoch_0002.keras" if improved_at_2 else "epoch_0002.weights.h5", "state.json"]
     best = max(r["val_dice_coef"] for r in state.rows)
     assert state.callbacks["ModelCheckpoint"]["best"] == pytest.approx(best)
     assert state.callbacks["EarlyStopping"]["best"] == pytest.approx(best)
@@ -165,6 +169,37 @@ def test_resume_restores_optimizer_lr_and_callback_state(tiny_cfg):
     with pytest.raises(KeyboardInterrupt):
         train_mod.train(cfg, overwrite=True, extra_callbacks=[Stop(at=0)], owner="run-c")
     assert (resume.load_state(cfg.output_dir).owner, resume.load_state(cfg.output_dir).epoch) == ("run-c", 1)
+
+
+def test_state_links_the_checkpoint_its_epoch_saved(tiny_cfg):
+    # Epoch 1 always saves the best checkpoint (nothing to beat yet): the state's weights are that
+    # very file (hard-linked, not written twice), and resuming from it restores the optimizer.
+    cfg = tiny_cfg("train.epochs=2")
+    out = cfg.output_dir
+    out.mkdir(parents=True)
+    # A checkpoint save that a kill cut short is dropped, never promoted to best_model.keras.
+    resume.saving_path(out / train_mod.MODEL_FILE).write_bytes(b"PK\x03\x04 half a zip")
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(cfg, extra_callbacks=[Stop(at=0)], owner="run-a")
+    state = resume.load_state(out)
+    assert (state.epoch, state.weights) == (1, "epoch_0001.keras")
+    linked = out / resume.STATE_DIR / state.weights
+    assert os.path.samefile(linked, out / train_mod.MODEL_FILE)
+    assert not resume.saving_path(out / train_mod.MODEL_FILE).exists()
+    first = keras.saving.load_model(linked, compile=False).get_weights()
+
+    probe = Probe()
+    result = train_mod.train(cfg, resume=True, owner="run-a", extra_callbacks=[probe])
+    assert probe.iterations == 2  # 8 images at batch 4: epoch 1's two Adam steps came back
+    assert len(result.history["loss"]) == 2
+    # Epoch 2's checkpoint is a new file: the copy linked at epoch 1 kept epoch 1's weights.
+    final = resume.load_state(out)
+    assert final.complete and final.epoch == 2 and not linked.exists()
+    if final.weights.endswith(".keras"):
+        assert os.path.samefile(out / resume.STATE_DIR / final.weights, out / train_mod.MODEL_FILE)
+    best = keras.saving.load_model(out / train_mod.MODEL_FILE, compile=False).get_weights()
+    improved = result.history["val_dice_coef"][1] > result.history["val_dice_coef"][0]
+    assert improved == any(not np.array_equal(a, b) for a, b in zip(first, best))
 
 
 def test_resume_refuses_a_config_that_differs(tiny_cfg):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from seg_mlops import resume, train
+from seg_mlops.callbacks import HistoryWriter
 from seg_mlops.errors import SegMlopsError
 from seg_mlops.infer import load_model
 
@@ -129,3 +130,31 @@ def test_progress_bar_only_in_a_terminal(monkeypatch):
     assert train_mod.progress_verbosity() == 1  # Keras' progress bar, redrawn in place
     monkeypatch.setattr(sys, "stdout", io.StringIO())
     assert train_mod.progress_verbosity() == 2  # a log, CI, `mlflow run`: one line per epoch
+
+
+def test_history_plots_redrawn_every_few_seconds_and_at_the_end(tmp_path):
+    # Epochs end at 0, 3, 6, 11, 12 s on an injected clock, plots every 10 s: the CSVs are
+    # rewritten every epoch, the plots at epoch 0 (first), 3 (11 - 0 >= 10) and 4 (the last).
+    now = [0.0]
+    writer = HistoryWriter(tmp_path, ["dice_coef"], plot_every=10.0, clock=lambda: now[0])
+    writer.set_params({"epochs": 5})
+    shown = []
+    for epoch, end in enumerate([0.0, 3.0, 6.0, 11.0, 12.0]):
+        now[0] = end
+        writer.on_epoch_end(epoch, {"loss": 1.0 / (epoch + 1), "val_loss": 1.0, "dice_coef": 0.5,
+                                    "val_dice_coef": 0.5})
+        csv_rows = (tmp_path / "train_losses.csv").read_text().splitlines()
+        assert len(csv_rows) == 1 + epoch + 1
+        shown.append(writer.plotted)
+    assert shown == [1, 1, 1, 4, 5]
+    assert cv2.imread(str(tmp_path / "train_metrics.png")) is not None
+
+    # Fit stopped early by a callback after this writer (e.g. a pruner): the plots catch up once.
+    early = HistoryWriter(tmp_path / "early", ["dice_coef"], clock=lambda: 0.0)
+    early.set_params({"epochs": 5})
+    early.on_train_begin()
+    for epoch in range(2):
+        early.on_epoch_end(epoch, {"loss": 1.0, "val_loss": 1.0})
+    assert early.plotted == 1
+    early.on_train_end()
+    assert early.plotted == 2
