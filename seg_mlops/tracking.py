@@ -188,8 +188,9 @@ def _end_run(status: str) -> bool:
 # per-card "Show run parameters" switch, mlflow#23705, defaults to on and is kept per browser).
 # Measured in Chromium (tests/test_browser.py's window): the card's picture sits centred in a
 # square as wide as the card, under one ~16 px line per param (the card is too narrow for two),
-# so with our epoch pictures (1.4:1 and wider) not ONE param leaves the picture inside the card,
-# and even a 6:1 picture leaves room for 4 params, fewer than a tune.space holds. So a run logs
+# so a 1.4:1 picture left room for no param at all, and even a 6:1 picture leaves room for 4,
+# fewer than a tune.space holds (our 3:1 pictures, callbacks.MIN_ASPECT, keep room for the two or
+# three entry-point params `mlflow run` logs, which we do not control). So a run logs
 # no config params: the keys people compare runs by are TAGS named by their key (runs table
 # columns, `tags.\`train.learning_rate\` = '0.01'` in the search box), the whole resolved config is
 # the config.yaml artifact, and CONFIG_HASH_TAG finds the runs of one config.
