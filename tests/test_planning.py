@@ -57,8 +57,6 @@ def test_profile_measures_sizes_channels_and_objects_of_hand_drawn_masks(drawn_r
     assert sorted(found["thickness_px"].values())[0] == pytest.approx(6.0, abs=0.1)
     # class pixels' mean distance to the background, (4 x mean - 2): between the strip's 6 and
     # two thirds of the disks' 11 px
-    strip = np.zeros((60, 80), np.uint8)
-    strip[40:46, 20:60] = 1
     assert 5.5 < found["width_px"] < 8.5
 
 
