@@ -128,7 +128,7 @@ def instrument(spent: dict) -> None:
     into `spent`, by wrapping Keras' CallbackList and a few functions of seg_mlops."""
     from keras.src.callbacks import callback_list
 
-    from seg_mlops import callbacks, resume, spool, tracking
+    from seg_mlops import callbacks, model_writer, resume, spool, tracking
 
     original_init = callback_list.CallbackList.__init__
 
@@ -141,11 +141,12 @@ def instrument(spent: dict) -> None:
     callback_list.CallbackList.__init__ = init
     parts = [(callbacks, "predict_probs", "panels: predict"), (callbacks, "panel", "panels: compose"),
              (callbacks, "write_rgb", "panels: PNG files"), (callbacks, "plot_history", "history: plots"),
-             (tracking, "composite", "logger: composite"), (resume.TrainingState, "save", "resume: save"),
+             (tracking, "composite", "logger: composite"),
+             (model_writer.ModelWriter, "snapshot", "checkpoint + state: copy the variables"),
+             (resume.BestCheckpoint, "_write", "background: checkpoint write (overlaps)"),
+             (resume.TrainingState, "_write_weights", "background: state weights (overlaps)"),
+             (model_writer.ModelWriter, "_load", "background: load the copy (overlaps)"),
              (spool.RunSink, "_send", "background: upload (overlaps)")]
-    import keras
-
-    parts.append((keras.callbacks.ModelCheckpoint, "_save_model", "checkpoint: save"))
     for owner, attribute, name in parts:
         setattr(owner, attribute, _clocked(spent, "  " + name, getattr(owner, attribute)))
 

@@ -12,7 +12,8 @@ ModelCheckpoint's best value, and every epoch's logs (the history CSV rows, MLfl
 The best checkpoint (`BestCheckpoint`) holds the same weights and optimizer state as the training
 state of the epoch that saved it, so in such an epoch the state's weights file is a hard link to
 it rather than a second write of the same data (100 MB for the seed Pap-Smear UNet; see
-bench/README.md, overhead.py, for what that saves and what writing a new file costs).
+bench/README.md, overhead.py, for what that saves and what writing a new file costs). Both are
+written by a model_writer.ModelWriter from a copy of the variables, off the training thread.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Sequence
 import keras
 
 from seg_mlops.epoch_clock import EpochClock
+from seg_mlops.model_writer import ModelWriter, Snapshot
 
 STATE_DIR = "resume"
 STATE_FILE = "state.json"
@@ -51,31 +53,39 @@ def _state_class(callback: keras.callbacks.Callback) -> type | None:
 
 class BestCheckpoint(keras.callbacks.ModelCheckpoint):
     """Keras' ModelCheckpoint of the best model on a monitor (save_best_only), written whole or not
-    at all: Keras saves into a temporary file beside `path`, which then replaces `path`. Keras
-    alone rewrites the file in place, so a kill mid-save left no best model; and as every save is
-    a new file, the training state can hard-link it (TrainingState) without a later save changing
-    the linked copy.
+    at all and off the training thread: in an epoch that improves the monitor it snapshots the
+    model and its `writer` saves the snapshot into a temporary file beside `path`, which then
+    replaces `path`. Keras alone rewrites the file in place, so a kill mid-save left no best model;
+    and as every save is a new file, the training state can hard-link it (TrainingState) without a
+    later save changing the linked copy.
 
     Args:
         path: the checkpoint (`.keras`: the model, its weights and the optimizer's state).
         monitor, mode: as ModelCheckpoint's.
+        writer: the training's ModelWriter (the resume state's too, so their files come in order).
     """
 
-    def __init__(self, path: Path, monitor: str, mode: str):
+    def __init__(self, path: Path, monitor: str, mode: str, writer: ModelWriter):
         self.path = Path(path)
         super().__init__(saving_path(self.path), monitor=monitor, mode=mode, save_best_only=True)
+        self.writer = writer
         self.saved_epoch: int | None = None  # the (0-based) epoch of this fit's latest save
+        self.saved: Snapshot | None = None  # what that save holds
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         Path(self.filepath).unlink(missing_ok=True)  # a save a kill cut short
-        self.saved_epoch = None
+        self.saved_epoch = self.saved = None
 
-    def on_epoch_end(self, epoch, logs=None):
-        super().on_epoch_end(epoch, logs)
-        if os.path.exists(self.filepath):  # Keras saved it this epoch
-            os.replace(self.filepath, self.path)
-            self.saved_epoch = epoch
+    def _save_model(self, epoch, batch, logs):
+        if not self._should_save_model(epoch, batch, logs, self.filepath):  # (it updates self.best)
+            return
+        self.saved_epoch, self.saved = epoch, self.writer.snapshot()
+        self.writer.submit(self._write, self.saved)
+
+    def _write(self, shadow: keras.Model) -> None:
+        shadow.save(self.filepath)
+        os.replace(self.filepath, self.path)
 
 
 @dataclass
@@ -127,6 +137,8 @@ class TrainingState(EpochClock):
     Place it after the callbacks whose state it saves (their on_train_begin resets that state, so
     the restore must come later; their on_epoch_end updates it, so the save must come later) and
     before the ones that publish the epoch (so nothing is published that a resume would redo).
+    The state is written by the `writer`'s thread: whoever publishes an epoch from another thread
+    waits for `wait_saved(epoch)` first.
 
     Args:
         out_dir: the training's output folder; the state goes to `<out_dir>/resume/`.
@@ -134,14 +146,17 @@ class TrainingState(EpochClock):
             ModelCheckpoint; others are ignored); a BestCheckpoint among them is linked, not
             written again, in the epochs it saved.
         best_model: the best checkpoint, from which EarlyStopping's best weights are restored.
+        writer: the training's ModelWriter (the BestCheckpoint's too).
         owner: written into the state (the MLflow run id), checked by whoever resumes it.
         state: the state to restore (None: a fresh start).
     """
 
     def __init__(self, out_dir: Path, callbacks: Sequence[keras.callbacks.Callback], best_model: Path,
-                 owner: str = "", state: State | None = None):
+                 writer: ModelWriter, owner: str = "", state: State | None = None):
         super().__init__()
         self.dir = state_dir(out_dir)
+        self.writer = writer
+        self._tickets: dict[int, int] = {}  # epoch (0-based) -> the writer's job that saves its state
         self.tracked = [c for c in callbacks if _state_class(c) is not None]
         self.checkpoint = next((c for c in callbacks if isinstance(c, BestCheckpoint)), None)
         self.best_model = Path(best_model)
@@ -173,32 +188,47 @@ class TrainingState(EpochClock):
         self.save()
 
     def save(self) -> None:
-        """New weights file first, then the JSON naming it replaces the old one atomically, then
-        the old weights go: a kill at any point leaves a consistent (old or new) state."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        previous = self.state.weights
-        self.state.weights = self._write_weights(f"epoch_{self.state.epoch:04d}")
-        tmp = self.dir / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.state.__dict__, indent=1))
-        os.replace(tmp, self.dir / STATE_FILE)
-        if previous and previous != self.state.weights:
-            (self.dir / previous).unlink(missing_ok=True)
+        """Queue the epoch's state for the writer, which writes the new weights file first, then
+        the JSON naming it (replacing the old one atomically), then removes the old weights: a kill
+        at any point leaves a consistent (old or new) state. `wait_saved` tells when it is done."""
+        snapshot = self.writer.snapshot()
+        previous, epoch = self.state.weights, self.state.epoch
+        # The best checkpoint saved this very snapshot (this epoch, no LR change since): its file
+        # holds these weights and optimizer state (a .keras file has both), so link it.
+        linked = self.checkpoint is not None and self.checkpoint.saved is snapshot
+        name = self.state.weights = f"epoch_{epoch:04d}" + (".keras" if linked else ".weights.h5")
+        text = json.dumps(self.state.__dict__, indent=1)  # now: the next epoch changes self.state
 
-    def _write_weights(self, stem: str) -> str:
-        """The epoch's weights and optimizer state (its LR included) in the state folder; returns
-        the file's name. When the best checkpoint was saved this epoch, it holds exactly those (a
-        .keras file has the optimizer's state too): a hard link to it, `<stem>.keras`. Else, or
-        where the file system has no hard links, Keras' save_weights, `<stem>.weights.h5`."""
-        if self.checkpoint is not None and self.checkpoint.saved_epoch == self.state.epoch - 1:
-            link = self.dir / f"{stem}.keras"
-            link.unlink(missing_ok=True)
-            try:
-                os.link(self.checkpoint.path, link)
-                return link.name
-            except OSError:
-                pass
-        self.model.save_weights(self.dir / f"{stem}.weights.h5")
-        return f"{stem}.weights.h5"
+        def write(shadow: keras.Model) -> None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._write_weights(shadow, self.dir / name, linked)
+            tmp = self.dir / (STATE_FILE + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, self.dir / STATE_FILE)
+            if previous and previous != name:
+                (self.dir / previous).unlink(missing_ok=True)
+
+        self._tickets[epoch - 1] = self.writer.submit(write, snapshot)
+
+    def wait_saved(self, epoch: int) -> None:
+        """Block until the state of `epoch` (0-based) is on disk (or writing stopped); at once for
+        an epoch this fit did not save (one before a resume). Safe from any thread."""
+        ticket = self._tickets.get(epoch)
+        if ticket is not None:
+            self.writer.wait(ticket)
+
+    def _write_weights(self, shadow: keras.Model, path: Path, linked: bool) -> None:
+        """The snapshot's weights and optimizer state (its LR included) at `path`: a hard link to
+        the best checkpoint when `linked`, or a copy where the file system has no hard links;
+        else Keras' save_weights."""
+        path.unlink(missing_ok=True)
+        if not linked:
+            shadow.save_weights(path)
+            return
+        try:
+            os.link(self.checkpoint.path, path)
+        except OSError:
+            shadow.save(path)
 
 
 def restore_weights(model: keras.Model, out_dir: Path, state: State) -> None:

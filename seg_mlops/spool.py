@@ -124,12 +124,20 @@ class RunSink:
         self.outages = 0
         self.delayed = 0  # records uploaded late (after an outage)
         self.refused: str | None = None  # the message of an upload the server refused for good
+        self.gate: Callable[[int], None] | None = None  # see gated()
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._work, name="mlflow-sink", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ producer side (training)
+
+    def gated(self, gate: Callable[[int], None]) -> "RunSink":
+        """Make the uploader call `gate(step)` before it uploads a record of `step`, and return the
+        sink. The training's gate blocks until the epoch's resume state is on disk: nothing reaches
+        the server that a resume would redo (and so log twice at one step)."""
+        self.gate = gate
+        return self
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Queue metrics at `step`, timestamped now (not when they reach the server)."""
@@ -206,6 +214,8 @@ class RunSink:
                 if self._closed:
                     return
                 record = self.pending[0]
+            if self.gate is not None:
+                self.gate(record["step"])
             try:
                 done, _ = self._attempt(_call_name(record), lambda: self._send(record))
             except Refused as exc:

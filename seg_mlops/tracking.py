@@ -418,7 +418,7 @@ def train(cfg: Config, *, overwrite: bool = False, extra_callbacks: Sequence[ker
             if state is not None:
                 republish(sink, run_id, state.rows)
             result = train_mod.train(cfg, overwrite=overwrite, resume=bool(resume_run_id), owner=run_id,
-                                     panel_logger=lambda panels: MLflowLogger(panels, sink),
+                                     panel_logger=lambda panels, saved: MLflowLogger(panels, sink.gated(saved)),
                                      extra_callbacks=list(extra_callbacks))
             finish_run(cfg, result, sink, run_id, score_test)
         except BaseException:

@@ -34,6 +34,7 @@ from seg_mlops.epoch_clock import TimeBudget
 from seg_mlops.config import Config
 from seg_mlops.errors import SegMlopsError
 from seg_mlops.model import build_unet
+from seg_mlops.model_writer import ModelWriter
 
 MODEL_FILE = "best_model.keras"
 PROFILE_FILE = "dataset_profile.json"
@@ -303,7 +304,7 @@ def progress_verbosity() -> int:
 
 
 def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = (),
-          panel_logger: Callable[[EpochPanels], keras.callbacks.Callback] | None = None,
+          panel_logger: Callable[[EpochPanels, Callable[[int], None]], keras.callbacks.Callback] | None = None,
           overwrite: bool = False, verbose: int | None = None, resume: bool = False, owner: str = "") -> TrainResult:
     """Validate the data, build and compile the UNet, fit, and keep the best checkpoint.
 
@@ -313,8 +314,9 @@ def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = 
         cfg: the experiment config.
         extra_callbacks: appended after ours and the panel logger.
         panel_logger: makes the callback that logs the epoch-inference panels, given the run's
-            EpochPanels (the tracking layer's MLflowLogger); it is placed after them, so it sees
-            each epoch's panels in its on_epoch_end.
+            EpochPanels and `saved(epoch)`, which blocks until that epoch's training state is on
+            disk (the tracking layer's MLflowLogger, whose uploader publishes no epoch before it);
+            it is placed after them, so it sees each epoch's panels in its on_epoch_end.
         overwrite: reuse an output folder that already holds a model.
         verbose: Keras fit verbosity; default `progress_verbosity()`: Keras' progress bar in a
             terminal, one line per epoch otherwise (logs, CI, `mlflow run` captured output).
@@ -357,19 +359,24 @@ def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = 
     (out / PROFILE_FILE).write_text(profile.to_json())
     state = _load_state(out, resume, owner)
     panels = EpochPanels.from_config(cfg, out)
-    callbacks = _callbacks(cfg, out, metric_names, panels)
+    writer = ModelWriter(model)  # the checkpoint and the state, written off the training thread
+    callbacks = _callbacks(cfg, out, metric_names, panels, writer)
     # Last of ours: it saves what the callbacks above updated, before the others publish it.
-    saver = resume_mod.TrainingState(out, callbacks, out / MODEL_FILE, owner=owner, state=state)
+    saver = resume_mod.TrainingState(out, callbacks, out / MODEL_FILE, writer, owner=owner, state=state)
     if state is not None and state.complete:
         # Fit had ended before the interruption: only the tracked end (evaluation, logging) is left.
+        writer.close()
         model.load_weights(out / MODEL_FILE)  # what EarlyStopping restores / the best checkpoint
         model = plain_copy(model, cfg) if _converted(cfg) else model
     else:
         if state is not None:
             _restore(model, out, callbacks, state, cfg.train.epochs)
-        loggers = [panel_logger(panels)] if panel_logger is not None else []
-        _fit(model, cfg, distribution, datasets, steps, [*callbacks, saver, *loggers, *extra_callbacks],
-             state.epoch if state else 0, progress_verbosity() if verbose is None else verbose)
+        loggers = [panel_logger(panels, saver.wait_saved)] if panel_logger is not None else []
+        try:
+            _fit(model, cfg, distribution, datasets, steps, [*callbacks, saver, *loggers, *extra_callbacks],
+                 state.epoch if state else 0, progress_verbosity() if verbose is None else verbose)
+        finally:
+            writer.close()  # the epochs that ended are on disk, even when fit ended by an error
         model = _finish(model, cfg, out, chief)
     if not chief:
         shutil.rmtree(out, ignore_errors=True)
@@ -401,13 +408,13 @@ def _load_state(out: Path, resume: bool, owner: str) -> resume_mod.State | None:
     return state
 
 
-def _callbacks(cfg: Config, out: Path, metric_names: Sequence[str],
-               panels: EpochPanels) -> list[keras.callbacks.Callback]:
+def _callbacks(cfg: Config, out: Path, metric_names: Sequence[str], panels: EpochPanels,
+               writer: ModelWriter) -> list[keras.callbacks.Callback]:
     """Ours, in order: the best checkpoint on train.monitor, the LR reducer, early stopping and
     the time budget when configured, the history files, then the epoch-inference panels (the
     reference's epoch_change_infer and epoch_change_tiledinfer)."""
     monitor, mode = cfg.train.monitor, losses.monitor_mode(cfg.train.monitor)
-    callbacks: list[keras.callbacks.Callback] = [resume_mod.BestCheckpoint(out / MODEL_FILE, monitor, mode)]
+    callbacks: list[keras.callbacks.Callback] = [resume_mod.BestCheckpoint(out / MODEL_FILE, monitor, mode, writer)]
     if cfg.train.reducer_patience and cfg.train.lr_schedule == "plateau":
         callbacks.append(keras.callbacks.ReduceLROnPlateau(
             monitor=monitor, mode=mode, factor=cfg.train.reducer_factor,

@@ -13,7 +13,7 @@ LAYERS = (
     ("errors",),  # the exception type and its message helpers
     ("config",),  # the typed config: every other module reads it
     ("legacy", "loading", "data", "model", "losses", "augment", "synthetic", "tiling",
-     "epoch_clock", "paired", "pair_cache", "dataset_profile"),  # one concept each
+     "epoch_clock", "paired", "pair_cache", "dataset_profile", "model_writer"),  # one concept each
     ("infer", "resume", "tiled_dataset", "evaluate", "train", "callbacks"),  # one model, one job
     ("serving", "batch", "tracking", "spool", "lifecycle", "servers", "registry", "tuning",
      "run_page", "crossval", "compare", "planning"),  # MLflow, Optuna, their servers, planning
