@@ -12,6 +12,7 @@ Run from the repository root:
 
     python bench/tuning.py            # full run: 2 x 12 trials x 6 epochs, 8-15 minutes on 2 cores
     python bench/tuning.py --quick    # smoke check: 2 x 4 trials x 3 epochs, about 2.5 minutes
+    python bench/tuning.py --epochs 15   # 12 trials x 15 epochs: longer trials, as real studies run
     python bench/tuning.py --trial-log trials.log   # either, keeping the trainings' Keras output
 
 Everything (data, outputs, the MLflow sqlite store, the two Optuna journal files) lives in a
@@ -190,10 +191,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small smoke run (about 2.5 minutes)")
+    parser.add_argument("--trials", type=int, default=None, help="finished trials per study (default 12, --quick 4)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per trial (default 6, --quick 3)")
     parser.add_argument("--trial-log", type=Path, default=None,
                         help="file for the trainings' stdout (default: inside the temporary folder, removed)")
     args = parser.parse_args()
     counts, n_trials, epochs = ((32, 8, 8), 4, 3) if args.quick else (COUNTS, 12, 6)
+    n_trials, epochs = args.trials or n_trials, args.epochs or epochs
     started = time.perf_counter()
 
     def progress(message: str) -> None:

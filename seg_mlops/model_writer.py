@@ -53,9 +53,11 @@ class ModelWriter:
 
     def __init__(self, model: keras.Model):
         self.model = model
-        # Built by the training thread (it reads the model's configs there), loaded by the worker.
-        self._config, self._compile = model.get_config(), model.get_compile_config()
-        self._shadow: keras.Model | None = None
+        # Built here, on the training thread: Keras keeps its global state (the dtype policy that
+        # decides loss scaling) per thread. Create the writer under the policy the model was built
+        # with and outside a distribution scope (the shadow needs plain variables).
+        self._shadow = keras.Model.from_config(model.get_config())
+        self._shadow.compile_from_config(model.get_compile_config())  # (builds the optimizer: the model is built)
         self._last: Snapshot | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=MAX_PENDING)
         self._error: BaseException | None = None
@@ -69,8 +71,10 @@ class ModelWriter:
     def snapshot(self) -> Snapshot:
         """The variables now; the same Snapshot object while the optimizer's step and learning rate
         are unchanged (callbacks of one epoch share one copy unless one changed the LR)."""
-        key = (int(self.model.optimizer.iterations), current_lr(self.model))
+        key = (int(self.model.optimizer.iterations.numpy()), current_lr(self.model))
         if self._last is None or self._last.key != key:
+            # numpy() shares the variable's buffer, and TensorFlow's next update of a variable whose
+            # buffer is shared writes a new buffer (copy on write): the arrays keep this moment.
             self._last = Snapshot(key, [v.numpy() for v in self.model.variables],
                                   [v.numpy() for v in self.model.optimizer.variables])
         return self._last
@@ -133,13 +137,9 @@ class ModelWriter:
         self._queue.task_done()
 
     def _load(self, snapshot: Snapshot) -> keras.Model:
-        if self._shadow is None:
-            # Outside the training thread's distribution scope (TF keeps it per thread): plain
-            # variables, saved as model.save would save the trained ones.
-            self._shadow = keras.Model.from_config(self._config)
-            self._shadow.compile_from_config(self._compile)  # (builds the optimizer: the model is built)
         for variable, value in zip(self._shadow.variables, snapshot.weights):
             variable.assign(value)
         for variable, value in zip(self._shadow.optimizer.variables, snapshot.optimizer):
             variable.assign(value)
         return self._shadow
+

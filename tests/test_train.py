@@ -158,3 +158,26 @@ def test_history_plots_redrawn_every_few_seconds_and_at_the_end(tmp_path):
     assert early.plotted == 1
     early.on_train_end()
     assert early.plotted == 2
+
+
+@pytest.mark.parametrize("classes", [1, 3])
+def test_first_train_step_is_traced_once(classes):
+    # compile_model creates the optimizer's and metrics' variables up front; were they created
+    # inside the first step, TensorFlow would trace the step twice (about 1 s per training).
+    from seg_mlops import config, model
+
+    colours = {"data.rgb_map": [[0, 0, 0], [255, 0, 0], [0, 255, 0]]} if classes > 1 else {}
+    cfg = config.load(None, {"model.image_height": 32, "model.image_width": 32, "model.num_layers": 2,
+                             "model.base_filters": 4, "model.num_classes": classes, **colours})
+    net = model.build_unet(**{k: getattr(cfg.model, k) for k in vars(cfg.model)})
+    train.compile_model(net, cfg)
+    assert net.optimizer.built
+    traced = []
+    step = net.train_step
+    net.train_step = lambda batch: traced.append(1) or step(batch)
+    images = np.zeros((2, 32, 32, 3), "float32")
+    masks = np.zeros((2, 32, 32, classes), "float32")
+    masks[..., 0] = 1.0
+    for _ in range(2):
+        net.train_on_batch(images, masks)
+    assert len(traced) == 1
