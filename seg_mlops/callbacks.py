@@ -25,11 +25,12 @@ class HistoryWriter(keras.callbacks.Callback):
     """Writes train_losses.csv / train_metrics.csv every epoch and their PNG plots.
 
     Same files and columns as the reference (epoch 0-based, 4 decimals), minus its trailing
-    comma. The CSVs are rewritten every epoch. The plots cost about 0.1 s (both; 2-3 % of a 4 s
-    epoch, bench/overhead.py), so they are redrawn only when `plot_every` seconds have passed since
-    they were last drawn, at the last epoch (all of train.epochs done, or fit told to stop: place
-    this writer after the callbacks that stop it) and when fit ends: an interrupted run has plots
-    at most that old, a finished one has them whole.
+    comma. The CSVs are rewritten every epoch. The plots cost 0.1-0.25 s (both; 2-3 % of a 4 s
+    epoch, bench/overhead.py), so they are drawn only when `plot_every` seconds have passed since
+    fit began or they were last drawn, at the last epoch (all of train.epochs done, or fit told to
+    stop: place this writer after the callbacks that stop it) and when fit ends: an interrupted run
+    has plots at most that old, a finished one has them whole, and a short trial of a study draws
+    them once (a pruned one never: bench/tuning.py).
     """
 
     def __init__(self, out_dir: str | Path, metrics: Sequence[str], plot_every: float = 10.0,
@@ -44,6 +45,7 @@ class HistoryWriter(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._plotted_at = self.clock()
 
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})

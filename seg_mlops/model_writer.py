@@ -53,11 +53,13 @@ class ModelWriter:
 
     def __init__(self, model: keras.Model):
         self.model = model
-        # Built here, on the training thread: Keras keeps its global state (the dtype policy that
-        # decides loss scaling) per thread. Create the writer under the policy the model was built
-        # with and outside a distribution scope (the shadow needs plain variables).
-        self._shadow = keras.Model.from_config(model.get_config())
-        self._shadow.compile_from_config(model.get_compile_config())  # (builds the optimizer: the model is built)
+        # The shadow is built by the worker at its first job (0.1-0.2 s off the training thread).
+        # Keras keeps its global dtype policy per thread (it decides loss scaling), so the worker
+        # takes the policy the writer was created under: create it under the model's. TensorFlow
+        # keeps the distribution scope per thread too, so the shadow's variables are plain.
+        self._config, self._compile = model.get_config(), model.get_compile_config()
+        self._policy = keras.mixed_precision.global_policy().name
+        self._shadow: keras.Model | None = None
         self._last: Snapshot | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=MAX_PENDING)
         self._error: BaseException | None = None
@@ -137,6 +139,10 @@ class ModelWriter:
         self._queue.task_done()
 
     def _load(self, snapshot: Snapshot) -> keras.Model:
+        if self._shadow is None:
+            keras.mixed_precision.set_global_policy(self._policy)  # (this thread's only)
+            self._shadow = keras.Model.from_config(self._config)
+            self._shadow.compile_from_config(self._compile)  # (builds the optimizer: the model is built)
         for variable, value in zip(self._shadow.variables, snapshot.weights):
             variable.assign(value)
         for variable, value in zip(self._shadow.optimizer.variables, snapshot.optimizer):

@@ -133,20 +133,22 @@ def test_progress_bar_only_in_a_terminal(monkeypatch):
 
 
 def test_history_plots_redrawn_every_few_seconds_and_at_the_end(tmp_path):
-    # Epochs end at 0, 3, 6, 11, 12 s on an injected clock, plots every 10 s: the CSVs are
-    # rewritten every epoch, the plots at epoch 0 (first), 3 (11 - 0 >= 10) and 4 (the last).
+    # Fit begins at 0 s and epochs end at 1, 3, 6, 11, 12 s on an injected clock, plots every
+    # 10 s: the CSVs are rewritten every epoch, the plots at epoch 3 (11 - 0 >= 10) and 4 (the
+    # last), never at the first (a short trial of a study draws them once).
     now = [0.0]
     writer = HistoryWriter(tmp_path, ["dice_coef"], plot_every=10.0, clock=lambda: now[0])
     writer.set_params({"epochs": 5})
+    writer.on_train_begin()
     shown = []
-    for epoch, end in enumerate([0.0, 3.0, 6.0, 11.0, 12.0]):
+    for epoch, end in enumerate([1.0, 3.0, 6.0, 11.0, 12.0]):
         now[0] = end
         writer.on_epoch_end(epoch, {"loss": 1.0 / (epoch + 1), "val_loss": 1.0, "dice_coef": 0.5,
                                     "val_dice_coef": 0.5})
         csv_rows = (tmp_path / "train_losses.csv").read_text().splitlines()
         assert len(csv_rows) == 1 + epoch + 1
         shown.append(writer.plotted)
-    assert shown == [1, 1, 1, 4, 5]
+    assert shown == [0, 0, 0, 4, 5]
     assert cv2.imread(str(tmp_path / "train_metrics.png")) is not None
 
     # Fit stopped early by a callback after this writer (e.g. a pruner): the plots catch up once.
@@ -155,7 +157,7 @@ def test_history_plots_redrawn_every_few_seconds_and_at_the_end(tmp_path):
     early.on_train_begin()
     for epoch in range(2):
         early.on_epoch_end(epoch, {"loss": 1.0, "val_loss": 1.0})
-    assert early.plotted == 1
+    assert early.plotted == 0 and not (tmp_path / "early" / "train_losses.png").exists()
     early.on_train_end()
     assert early.plotted == 2
 
