@@ -1,8 +1,8 @@
 """Writes a training model's files from a copy of its variables, in a background thread.
 
 Saving the seed Pap-Smear UNet (8.3 M parameters; with Adam's moments a 100 MB `.keras` file) takes
-0.2-0.5 s on a 2-core VM, almost all of it serialising and writing; copying its variables takes
-0.01-0.08 s (bench/README.md, overhead.py). So the training thread only copies: `snapshot()` holds
+0.2-0.5 s on a 2-core VM, almost all of it serialising and writing; holding its variables as NumPy
+arrays takes 0.01-0.02 s (bench/README.md, overhead.py). So the training thread only copies: `snapshot()` holds
 the variables of the model and its optimizer as they are now, and `submit()` hands a job and a
 snapshot to one worker thread. The worker loads the snapshot into a shadow model (the same config
 and compile config, never trained) and lets the job save *that*: the file holds exactly the
@@ -34,7 +34,7 @@ MAX_PENDING = 2
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The model's and its optimizer's variables at one moment, as NumPy copies."""
+    """The model's and its optimizer's variables at one moment, as NumPy arrays that keep them."""
 
     key: tuple[int, float]  # (optimizer step, learning rate): what changes them between copies
     weights: list[np.ndarray]
@@ -148,4 +148,3 @@ class ModelWriter:
         for variable, value in zip(self._shadow.optimizer.variables, snapshot.optimizer):
             variable.assign(value)
         return self._shadow
-

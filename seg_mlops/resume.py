@@ -69,18 +69,17 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):
         self.path = Path(path)
         super().__init__(saving_path(self.path), monitor=monitor, mode=mode, save_best_only=True)
         self.writer = writer
-        self.saved_epoch: int | None = None  # the (0-based) epoch of this fit's latest save
-        self.saved: Snapshot | None = None  # what that save holds
+        self.saved: Snapshot | None = None  # what this fit's latest save holds
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         Path(self.filepath).unlink(missing_ok=True)  # a save a kill cut short
-        self.saved_epoch = self.saved = None
+        self.saved = None
 
     def _save_model(self, epoch, batch, logs):
         if not self._should_save_model(epoch, batch, logs, self.filepath):  # (it updates self.best)
             return
-        self.saved_epoch, self.saved = epoch, self.writer.snapshot()
+        self.saved = self.writer.snapshot()
         self.writer.submit(self._write, self.saved)
 
     def _write(self, shadow: keras.Model) -> None:
