@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -60,7 +61,11 @@ class ModelWriter:
         self._config, self._compile = model.get_config(), model.get_compile_config()
         self._policy = keras.mixed_precision.global_policy().name
         self._shadow: keras.Model | None = None
-        self._last: Snapshot | None = None
+        # The latest snapshot, weakly: the arrays share the variables' buffers, so while anything
+        # holds them TensorFlow's next update of each variable copies it (100 MB for the seed UNet)
+        # and memory holds both. The callbacks of one epoch end share it; the worker lets it go
+        # once it is in the shadow.
+        self._last: weakref.ref[Snapshot] | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=MAX_PENDING)
         self._error: BaseException | None = None
         self._done = threading.Condition()  # guards the counts, the error and `closed`
@@ -72,14 +77,17 @@ class ModelWriter:
 
     def snapshot(self) -> Snapshot:
         """The variables now; the same Snapshot object while the optimizer's step and learning rate
-        are unchanged (callbacks of one epoch share one copy unless one changed the LR)."""
+        are unchanged and someone holds it (callbacks of one epoch end share one, unless one
+        changed the LR). Equal keys mean equal values."""
         key = (int(self.model.optimizer.iterations.numpy()), current_lr(self.model))
-        if self._last is None or self._last.key != key:
+        last = self._last() if self._last is not None else None
+        if last is None or last.key != key:
             # numpy() shares the variable's buffer, and TensorFlow's next update of a variable whose
             # buffer is shared writes a new buffer (copy on write): the arrays keep this moment.
-            self._last = Snapshot(key, [v.numpy() for v in self.model.variables],
-                                  [v.numpy() for v in self.model.optimizer.variables])
-        return self._last
+            last = Snapshot(key, [v.numpy() for v in self.model.variables],
+                            [v.numpy() for v in self.model.optimizer.variables])
+            self._last = weakref.ref(last)
+        return last
 
     def submit(self, job: Job, snapshot: Snapshot) -> int:
         """Queue `job(shadow)` with `snapshot` loaded into the shadow model; returns its ticket
@@ -125,9 +133,12 @@ class ModelWriter:
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
             job, snapshot = item
+            del item
             try:
                 if self._error is None:  # after a failure nothing more is written
-                    job(self._load(snapshot))
+                    shadow = self._load(snapshot)
+                    del snapshot  # in the shadow now: its arrays may go (see _last)
+                    job(shadow)
             except BaseException as exc:  # noqa: BLE001 (re-raised on the training thread)
                 with self._done:
                     self._error = exc

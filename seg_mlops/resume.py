@@ -28,7 +28,7 @@ from typing import Sequence
 import keras
 
 from seg_mlops.epoch_clock import EpochClock
-from seg_mlops.model_writer import ModelWriter, Snapshot
+from seg_mlops.model_writer import ModelWriter
 
 STATE_DIR = "resume"
 STATE_FILE = "state.json"
@@ -69,7 +69,7 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):
         self.path = Path(path)
         super().__init__(saving_path(self.path), monitor=monitor, mode=mode, save_best_only=True)
         self.writer = writer
-        self.saved: Snapshot | None = None  # what this fit's latest save holds
+        self.saved: tuple | None = None  # the Snapshot.key of this fit's latest save
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
@@ -79,8 +79,9 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):
     def _save_model(self, epoch, batch, logs):
         if not self._should_save_model(epoch, batch, logs, self.filepath):  # (it updates self.best)
             return
-        self.saved = self.writer.snapshot()
-        self.writer.submit(self._write, self.saved)
+        snapshot = self.writer.snapshot()
+        self.saved = snapshot.key
+        self.writer.submit(self._write, snapshot)
 
     def _write(self, shadow: keras.Model) -> None:
         shadow.save(self.filepath)
@@ -192,9 +193,9 @@ class TrainingState(EpochClock):
         at any point leaves a consistent (old or new) state. `wait_saved` tells when it is done."""
         snapshot = self.writer.snapshot()
         previous, epoch = self.state.weights, self.state.epoch
-        # The best checkpoint saved this very snapshot (this epoch, no LR change since): its file
-        # holds these weights and optimizer state (a .keras file has both), so link it.
-        linked = self.checkpoint is not None and self.checkpoint.saved is snapshot
+        # The best checkpoint saved a snapshot with this key (this epoch's step, no LR change since):
+        # its file holds these weights and optimizer state (a .keras file has both), so link it.
+        linked = self.checkpoint is not None and self.checkpoint.saved == snapshot.key
         name = self.state.weights = f"epoch_{epoch:04d}" + (".keras" if linked else ".weights.h5")
         text = json.dumps(self.state.__dict__, indent=1)  # now: the next epoch changes self.state
 

@@ -5,6 +5,7 @@ uploader publishes no epoch before its state is on disk."""
 from __future__ import annotations
 
 import threading
+import weakref
 
 import keras
 import mlflow
@@ -54,6 +55,19 @@ def test_one_copy_per_step_and_learning_rate():
     model.optimizer.learning_rate.assign(0.05)  # a reducer acted after the checkpoint's copy
     second = writer.snapshot()
     assert second is not first and second.key == (0, pytest.approx(0.05))
+    writer.close()
+
+
+def test_a_snapshot_is_let_go_once_it_is_in_the_shadow():
+    # Its arrays share the variables' buffers: held, they make TensorFlow copy every variable at
+    # the next step (and keep both in memory).
+    writer = ModelWriter(tiny_model())
+    snapshot = writer.snapshot()
+    held = weakref.ref(snapshot)
+    ticket = writer.submit(lambda shadow: None, snapshot)
+    del snapshot
+    writer.wait(ticket)
+    assert held() is None
     writer.close()
 
 
