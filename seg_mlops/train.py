@@ -374,8 +374,10 @@ def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = 
     (out / PROFILE_FILE).write_text(profile.to_json())
     state = _load_state(out, resume, owner)
     panels = EpochPanels.from_config(cfg, out)
-    with precision(cfg.train.mixed_precision):  # (outside the strategy's scope)
-        writer = ModelWriter(model)  # the checkpoint and the state, written off the training thread
+    # The checkpoint and the state, written off the training thread by a shadow model that takes
+    # the dtype policy the writer is created under.
+    with precision(cfg.train.mixed_precision):
+        writer = ModelWriter(model)
     callbacks = _callbacks(cfg, out, metric_names, panels, writer)
     # Last of ours: it saves what the callbacks above updated, before the others publish it.
     saver = resume_mod.TrainingState(out, callbacks, out / MODEL_FILE, writer, owner=owner, state=state)
