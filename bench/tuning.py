@@ -5,8 +5,9 @@ One job: run, in one process, two studies that differ only in tune.pruner ("medi
 the same synthetic data, config, search space, seed and budget (tune.n_trials finished trials of
 tune.epochs epochs each), every trial a real tracked training through seg_mlops.tuning.run_study
 (MLflow child run, epoch-inference panels, log_model for trials that complete; the test split
-is scored for each study's best trial only). Print, side by side: wall and CPU time, trials/hour, epochs run and saved, pruned
-trials, the best val_dice_coef each study reached (and when), and every trial. It asserts nothing.
+is scored for each study's best trial only). Print, side by side: wall and CPU time, trials/hour,
+epochs run and saved, pruned trials, the best val_dice_coef each study reached (and when), and
+every trial. It asserts nothing.
 
 Run from the repository root:
 
