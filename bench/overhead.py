@@ -25,8 +25,9 @@ element).
 
 With --split, variant (a) also reports where its epochs go: per callback, the seconds its hooks
 took per epoch (every callback of Keras' CallbackList wrapped with a clock), and named parts inside
-them (the panels' prediction and files, the composite picture, the checkpoint and resume-state
-saves, the history plots, and the background uploads, which overlap training).
+them (the panels' prediction and files, the composite picture, the copy of the variables for the
+checkpoint and resume state, the history plots, and the background work, which overlaps training:
+the checkpoint and state writes and the MLflow uploads).
 """
 
 from __future__ import annotations

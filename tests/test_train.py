@@ -4,6 +4,7 @@ reducer, seeding and the output-folder guard."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 
 import cv2
 import keras
@@ -171,7 +172,7 @@ def test_first_train_step_is_traced_once(classes):
     colours = {"data.rgb_map": [[0, 0, 0], [255, 0, 0], [0, 255, 0]]} if classes > 1 else {}
     cfg = config.load(None, {"model.image_height": 32, "model.image_width": 32, "model.num_layers": 2,
                              "model.base_filters": 4, "model.num_classes": classes, **colours})
-    net = model.build_unet(**{k: getattr(cfg.model, k) for k in vars(cfg.model)})
+    net = model.build_unet(**dataclasses.asdict(cfg.model))
     train.compile_model(net, cfg)
     assert net.optimizer.built
     traced = []
