@@ -374,8 +374,7 @@ def train(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = 
     (out / PROFILE_FILE).write_text(profile.to_json())
     state = _load_state(out, resume, owner)
     panels = EpochPanels.from_config(cfg, out)
-    # The checkpoint and the state, written off the training thread by a shadow model that takes
-    # the dtype policy the writer is created under.
+    # Written off the training thread by a shadow model that takes the policy it is created under.
     with precision(cfg.train.mixed_precision):
         writer = ModelWriter(model)
     callbacks = _callbacks(cfg, out, metric_names, panels, writer)
